@@ -208,6 +208,7 @@ pub trait Backend: Send + Sync {
     /// A zero-filled buffer.
     fn zeros(&self, dtype: DType, len: usize) -> Result<Self::Buf>;
     /// Upload f32 host data, converting to `dtype` (round-to-nearest-even for bf16/f16).
+    #[allow(clippy::wrong_self_convention)] // a backend method, not a conversion constructor
     fn from_f32(&self, data: &[f32], dtype: DType) -> Result<Self::Buf>;
     /// Download a window as f32.
     fn to_f32(&self, src: View<'_, Self::Buf>) -> Result<Vec<f32>>;
@@ -319,8 +320,10 @@ pub trait Backend: Send + Sync {
     /// Causal self-attention with a key padding mask (see [`AttnDims`]). When `probs` is given
     /// the softmax probabilities (before dropout) are saved there for the backward pass.
     /// `key_mask` has `batch * tk` entries (1 = attend, 0 = padding); `None` = all ones.
-    /// A query row whose keys are all masked gets uniform weights over its causal keys
-    /// (HF adds a large negative number rather than -inf, giving the same result).
+    /// A query row whose causal keys are all masked (a left-padding position) gets uniform
+    /// weights over *all* `tk` keys: HF's eager path adds `finfo(f32).min` for every masked
+    /// entry, so such a row's scores all round to the same value. The backward pass then uses
+    /// the saved probabilities over all `tk` keys (no re-masking), as autograd does.
     #[allow(clippy::too_many_arguments)]
     fn attention_forward(
         &self,

@@ -1,0 +1,980 @@
+//! The OPT decoder: explicit forward and backward passes, llm.c style, over any [`Backend`].
+//!
+//! Shape legend: B = batch, T = time (new tokens this call), Tk = keys (past + T),
+//! N = B·T rows, C = hidden_size, Dp = word_embed_proj_dim, F = ffn_dim, V = vocab_size,
+//! NH = heads, HS = C / NH, L = layers.
+//!
+//! Where OPT departs from the usual decoder:
+//! - positions start at 2 (`position id + 2` indexes the table; see [`crate::config::POSITION_OFFSET`]),
+//!   and are derived from the attention mask (`cumsum(mask) * mask - 1`), so left padding works;
+//! - 350M is post-LN (LayerNorm after each residual add, no final LayerNorm) and has a 512-wide
+//!   embedding with `project_in`/`project_out`;
+//! - Galactica has GELU, no biases and LayerNorms without affine parameters.
+
+use opt_tensor::{AttnDims, Backend, Buffer, DType, Dropout, Gemm, View, ViewMut};
+
+use crate::config::{OptConfig, LN_EPS, POSITION_OFFSET};
+use crate::params::{LayerIdx, ParamLayout};
+use crate::{ModelError, Result};
+
+/// Which positions to compute logits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsMode {
+    /// Every position: `[B * T, V]`.
+    All,
+    /// The last position of each row: `[B, V]` (generation, prefill).
+    Last,
+}
+
+/// An OPT model: config, parameter layout and one parameter buffer on a backend.
+pub struct OptModel<B: Backend> {
+    pub cfg: OptConfig,
+    pub layout: ParamLayout,
+    /// All parameters in one buffer (see [`ParamLayout`]), in the storage dtype.
+    pub params: B::Buf,
+    pub backend: B,
+}
+
+/// Per-layer key/value cache for incremental decoding: `k[l]`, `v[l]` are `[B, capacity, C]`.
+pub struct KvCache<B: Backend> {
+    pub k: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+    pub batch: usize,
+    pub capacity: usize,
+    /// Filled positions (same for every row; padding is expressed by the mask).
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(backend: &B, cfg: &OptConfig, batch: usize, capacity: usize) -> Result<Self> {
+        let n = batch * capacity * cfg.hidden_size;
+        let mut k = Vec::with_capacity(cfg.num_hidden_layers);
+        let mut v = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            k.push(backend.zeros(DType::F32, n)?);
+            v.push(backend.zeros(DType::F32, n)?);
+        }
+        Ok(KvCache { k, v, batch, capacity, len: 0 })
+    }
+}
+
+/// Activations of one decoder layer. In training one of these is kept per layer for the
+/// backward pass; at inference a single one is reused as scratch for every layer.
+///
+/// Kept for backward (per layer, N = B·T): `x_in`, `ln1_out`, `resid1`, `ln2_out` (pre-LN) or
+/// `resid2` (post-LN), `q`, `k`, `v`, `attn_y` — each `N·C` floats; `fc1_pre` and `fc1_act`,
+/// `N·F` each; LayerNorm mean/rstd, `4·N`; attention probabilities `B·NH·T·T`. For OPT-125m at
+/// 4×128 that is ≈ 9·N·C + 2·N·F + B·NH·T² ≈ 18.5 MB per layer in f32. Dropout masks are not
+/// stored: they are regenerated from the counter-based RNG. Logits are never stored for the
+/// whole batch: the loss is computed in row chunks (see [`OptModel::forward_backward`]).
+pub struct LayerActs<B: Backend> {
+    /// Layer input (residual stream) `[N, C]`.
+    pub x_in: B::Buf,
+    /// First LayerNorm output `[N, C]` (pre-LN: of `x_in`; post-LN: of `resid1`).
+    pub ln1_out: B::Buf,
+    pub ln1_mean: B::Buf,
+    pub ln1_rstd: B::Buf,
+    pub q: B::Buf,
+    pub k: B::Buf,
+    pub v: B::Buf,
+    /// Softmax probabilities `[B, NH, T, T]` (training only; empty at inference).
+    pub probs: B::Buf,
+    /// Attention output before `out_proj` `[N, C]`.
+    pub attn_y: B::Buf,
+    /// `x_in + dropout(out_proj(attn_y))` `[N, C]`.
+    pub resid1: B::Buf,
+    /// Second LayerNorm output `[N, C]` (pre-LN only; post-LN writes it to the layer output).
+    pub ln2_out: B::Buf,
+    pub ln2_mean: B::Buf,
+    pub ln2_rstd: B::Buf,
+    /// `fc1` output before / after the activation `[N, F]`.
+    pub fc1_pre: B::Buf,
+    pub fc1_act: B::Buf,
+    /// Post-LN: `ln1_out + dropout(fc2(...))`, the second LayerNorm's input `[N, C]`.
+    pub resid2: B::Buf,
+    /// Scratch `[N, C]` for projections before the residual add.
+    pub tmp: B::Buf,
+}
+
+impl<B: Backend> LayerActs<B> {
+    fn new(be: &B, cfg: &OptConfig, batch: usize, t: usize, keep_probs: bool) -> Result<Self> {
+        let n = batch * t;
+        let c = cfg.hidden_size;
+        let f = cfg.ffn_dim;
+        let z = |len: usize| be.zeros(DType::F32, len).map_err(ModelError::from);
+        Ok(LayerActs {
+            x_in: z(n * c)?,
+            ln1_out: z(n * c)?,
+            ln1_mean: z(n)?,
+            ln1_rstd: z(n)?,
+            q: z(n * c)?,
+            k: z(n * c)?,
+            v: z(n * c)?,
+            probs: z(if keep_probs { batch * cfg.num_attention_heads * t * t } else { 0 })?,
+            attn_y: z(n * c)?,
+            resid1: z(n * c)?,
+            ln2_out: z(if cfg.do_layer_norm_before { n * c } else { 0 })?,
+            ln2_mean: z(n)?,
+            ln2_rstd: z(n)?,
+            fc1_pre: z(n * f)?,
+            fc1_act: z(n * f)?,
+            resid2: z(if cfg.do_layer_norm_before { 0 } else { n * c })?,
+            tmp: z(n * c)?,
+        })
+    }
+}
+
+/// Everything the training step keeps between forward and backward, plus backward scratch.
+/// Allocated once per (batch, seq) shape and reused across steps.
+pub struct TrainState<B: Backend> {
+    pub batch: usize,
+    pub seq: usize,
+    pub layers: Vec<LayerActs<B>>,
+    /// Token embedding rows `[N, Dp]` (input of `project_in` when present).
+    pub emb: B::Buf,
+    /// Output of the last layer `[N, C]`.
+    pub x_last: B::Buf,
+    /// Final LayerNorm output `[N, C]` and stats.
+    pub xf: B::Buf,
+    pub lnf_mean: B::Buf,
+    pub lnf_rstd: B::Buf,
+    /// Input of the LM head `[N, Dp]` (after `project_out` when present).
+    pub xp: B::Buf,
+    // backward scratch
+    dx: B::Buf,
+    da: B::Buf,
+    db: B::Buf,
+    dc: B::Buf,
+    dq: B::Buf,
+    dk: B::Buf,
+    dv: B::Buf,
+    df1: B::Buf,
+    df2: B::Buf,
+    dxp: B::Buf,
+    demb: B::Buf,
+    logits: B::Buf,
+    losses: B::Buf,
+    dlnw: B::Buf,
+    dlnb: B::Buf,
+}
+
+/// Rows of logits computed at once in the fused loss (bounds the logits memory to
+/// `LOSS_CHUNK * V` floats instead of `N * V`).
+const LOSS_CHUNK: usize = 128;
+
+impl<B: Backend> TrainState<B> {
+    pub fn new(model: &OptModel<B>, batch: usize, seq: usize) -> Result<Self> {
+        let cfg = &model.cfg;
+        let be = &model.backend;
+        let n = batch * seq;
+        let (c, f, dp, v) = (cfg.hidden_size, cfg.ffn_dim, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let z = |len: usize| be.zeros(DType::F32, len).map_err(ModelError::from);
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for _ in 0..cfg.num_hidden_layers {
+            layers.push(LayerActs::new(be, cfg, batch, seq, true)?);
+        }
+        Ok(TrainState {
+            batch,
+            seq,
+            layers,
+            emb: z(n * dp)?,
+            x_last: z(n * c)?,
+            xf: z(n * c)?,
+            lnf_mean: z(n)?,
+            lnf_rstd: z(n)?,
+            xp: z(n * dp)?,
+            dx: z(n * c)?,
+            da: z(n * c)?,
+            db: z(n * c)?,
+            dc: z(n * c)?,
+            dq: z(n * c)?,
+            dk: z(n * c)?,
+            dv: z(n * c)?,
+            df1: z(n * f)?,
+            df2: z(n * f)?,
+            dxp: z(n * dp)?,
+            demb: z(n * dp)?,
+            logits: z(LOSS_CHUNK.min(n) * v)?,
+            losses: z(LOSS_CHUNK.min(n))?,
+            dlnw: z(c)?,
+            dlnb: z(c)?,
+        })
+    }
+}
+
+/// Dropout seeds for one training step (`None` = evaluation, no dropout).
+#[derive(Clone, Copy, Debug)]
+pub struct DropoutCfg {
+    pub p: f32,
+    pub attn_p: f32,
+    pub seed: u64,
+}
+
+impl DropoutCfg {
+    fn site(&self, layer: usize, site: u64, p: f32) -> Option<Dropout> {
+        (p > 0.0).then(|| Dropout { p, seed: opt_tensor::rng::derive(self.seed, layer as u64 * 8 + site), offset: 0 })
+    }
+}
+
+/// A training batch: `ids`/`mask` are `[B, T]`; `targets[b*T + t]` is the id predicted at
+/// position t, or negative to ignore.
+pub struct TrainBatch<'a> {
+    pub ids: &'a [u32],
+    pub mask: &'a [u8],
+    pub targets: &'a [i32],
+    pub batch: usize,
+    pub seq: usize,
+}
+
+/// Next-token targets in HF's `labels = input_ids` convention: position t predicts `ids[t+1]`,
+/// ignored where t+1 is padding or past the end.
+pub fn causal_targets(ids: &[u32], mask: &[u8], batch: usize, seq: usize) -> Vec<i32> {
+    let mut t = vec![-100i32; batch * seq];
+    for b in 0..batch {
+        for s in 0..seq.saturating_sub(1) {
+            if mask[b * seq + s + 1] != 0 {
+                t[b * seq + s] = ids[b * seq + s + 1] as i32;
+            }
+        }
+    }
+    t
+}
+
+/// Position ids the way HF derives them from the mask: `cumsum(mask) * mask - 1`, then offset
+/// by 2 (so padding positions read row 1 of the table). `mask` covers `past + t` columns per
+/// row; ids for the last `t` columns are returned, `[B, t]`.
+pub fn position_ids(mask: &[u8], batch: usize, total: usize, t: usize) -> Vec<u32> {
+    let past = total - t;
+    let mut out = Vec::with_capacity(batch * t);
+    for b in 0..batch {
+        let row = &mask[b * total..(b + 1) * total];
+        let mut cum: i64 = 0;
+        for (j, &m) in row.iter().enumerate() {
+            let m = (m != 0) as i64;
+            cum += m;
+            if j >= past {
+                out.push((cum * m - 1 + POSITION_OFFSET as i64) as u32);
+            }
+        }
+    }
+    out
+}
+
+impl<B: Backend> OptModel<B> {
+    /// A view of parameter `off` of `len` elements.
+    fn p(&self, off: usize, len: usize) -> View<'_, B::Buf> {
+        self.params.at(off, len)
+    }
+    fn po(&self, off: Option<usize>, len: usize) -> Option<View<'_, B::Buf>> {
+        off.map(|o| self.params.at(o, len))
+    }
+
+    /// `out[rows, out_dim] = x[rows, in_dim] · Wᵀ (+ b)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        mut out: ViewMut<'_, B::Buf>,
+        x: View<'_, B::Buf>,
+        w: usize,
+        b: Option<usize>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let be = &self.backend;
+        be.matmul(out.rb(), x, self.p(w, out_dim * in_dim), &Gemm::new(rows, out_dim, in_dim, false, true))?;
+        if let Some(b) = b {
+            be.bias_add(out, self.p(b, out_dim), out_dim)?;
+        }
+        Ok(())
+    }
+
+    /// Embeddings for `ids` at `pos` into `x [N, C]`; the raw token rows go to `emb [N, Dp]`.
+    fn embed(&self, x: &mut B::Buf, emb: &mut B::Buf, ids: &[u32], pos: &[u32]) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
+        let n = ids.len();
+        check_ids(ids, cfg.vocab_size)?;
+        let wte = self.p(self.layout.wte, cfg.vocab_size * dp);
+        let wpe = self.p(self.layout.wpe, cfg.position_rows() * c);
+        if let Some(pi) = self.layout.project_in {
+            be.embedding_forward(emb.at_mut(0, n * dp), wte, ids, dp, false)?;
+            be.matmul(x.at_mut(0, n * c), emb.at(0, n * dp), self.p(pi, c * dp), &Gemm::new(n, c, dp, false, true))?;
+            be.embedding_forward(x.at_mut(0, n * c), wpe, pos, c, true)?;
+        } else {
+            be.embedding_forward(x.at_mut(0, n * c), wte, ids, c, false)?;
+            be.embedding_forward(x.at_mut(0, n * c), wpe, pos, c, true)?;
+        }
+        Ok(())
+    }
+
+    /// One decoder layer forward: reads `acts.x_in`, writes the layer output to `out`.
+    /// With `cache`, new keys/values are appended at `cache.len` and attention runs over the
+    /// cache; otherwise over this call's keys. `key_mask` is `[B, Tk]`.
+    #[allow(clippy::too_many_arguments)]
+    fn layer_forward(
+        &self,
+        li: usize,
+        acts: &mut LayerActs<B>,
+        mut out: ViewMut<'_, B::Buf>,
+        batch: usize,
+        t: usize,
+        key_mask: Option<&[u8]>,
+        cache: Option<(&mut B::Buf, &mut B::Buf, usize, usize)>,
+        keep_probs: bool,
+        drop: Option<&DropoutCfg>,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let l: &LayerIdx = &self.layout.layers[li];
+        let (c, f) = (cfg.hidden_size, cfg.ffn_dim);
+        let n = batch * t;
+        let nc = n * c;
+        let pre = cfg.do_layer_norm_before;
+
+        // --- self-attention block -------------------------------------------------------
+        if pre {
+            be.layernorm_forward(
+                acts.ln1_out.at_mut(0, nc),
+                acts.ln1_mean.at_mut(0, n),
+                acts.ln1_rstd.at_mut(0, n),
+                acts.x_in.at(0, nc),
+                self.po(l.ln1_w, c),
+                self.po(l.ln1_b, c),
+                c,
+                LN_EPS,
+            )?;
+        }
+        {
+            let a_in = if pre { acts.ln1_out.at(0, nc) } else { acts.x_in.at(0, nc) };
+            self.linear(acts.q.at_mut(0, nc), a_in, l.q_w, l.q_b, n, c, c)?;
+            self.linear(acts.k.at_mut(0, nc), a_in, l.k_w, l.k_b, n, c, c)?;
+            self.linear(acts.v.at_mut(0, nc), a_in, l.v_w, l.v_b, n, c, c)?;
+        }
+        let attn_drop = drop.and_then(|d| d.site(li, 2, d.attn_p));
+        let mut dims = AttnDims {
+            batch,
+            tq: t,
+            tk: t,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            q_offset: 0,
+            kv_batch_stride: t * c,
+            // HF scales q after q_proj; scaling the product instead is the same math.
+            scale: (cfg.head_dim() as f32).powf(-0.5),
+        };
+        let probs = if keep_probs { Some(acts.probs.vm()) } else { None };
+        match cache {
+            Some((kc, vc, past, cap)) => {
+                // Append this call's keys/values to the cache rows [past, past + t).
+                for b in 0..batch {
+                    let dst = (b * cap + past) * c;
+                    be.copy(kc.at_mut(dst, t * c), acts.k.at(b * t * c, t * c))?;
+                    be.copy(vc.at_mut(dst, t * c), acts.v.at(b * t * c, t * c))?;
+                }
+                dims.tk = past + t;
+                dims.q_offset = past;
+                dims.kv_batch_stride = cap * c;
+                let kv_len = (batch - 1) * cap * c + dims.tk * c;
+                be.attention_forward(
+                    acts.attn_y.at_mut(0, nc),
+                    probs,
+                    acts.q.at(0, nc),
+                    kc.at(0, kv_len),
+                    vc.at(0, kv_len),
+                    key_mask,
+                    &dims,
+                    attn_drop.as_ref(),
+                )?;
+            }
+            None => {
+                be.attention_forward(
+                    acts.attn_y.at_mut(0, nc),
+                    probs,
+                    acts.q.at(0, nc),
+                    acts.k.at(0, nc),
+                    acts.v.at(0, nc),
+                    key_mask,
+                    &dims,
+                    attn_drop.as_ref(),
+                )?;
+            }
+        }
+        self.linear(acts.tmp.at_mut(0, nc), acts.attn_y.at(0, nc), l.o_w, l.o_b, n, c, c)?;
+        if let Some(d) = drop.and_then(|d| d.site(li, 0, d.p)) {
+            be.dropout(acts.tmp.at_mut(0, nc), &d)?;
+        }
+        be.add(acts.resid1.at_mut(0, nc), acts.x_in.at(0, nc), acts.tmp.at(0, nc))?;
+
+        // --- feed-forward block ---------------------------------------------------------
+        if pre {
+            be.layernorm_forward(
+                acts.ln2_out.at_mut(0, nc),
+                acts.ln2_mean.at_mut(0, n),
+                acts.ln2_rstd.at_mut(0, n),
+                acts.resid1.at(0, nc),
+                self.po(l.ln2_w, c),
+                self.po(l.ln2_b, c),
+                c,
+                LN_EPS,
+            )?;
+        } else {
+            // Post-LN (350M): normalise after the residual add.
+            be.layernorm_forward(
+                acts.ln1_out.at_mut(0, nc),
+                acts.ln1_mean.at_mut(0, n),
+                acts.ln1_rstd.at_mut(0, n),
+                acts.resid1.at(0, nc),
+                self.po(l.ln1_w, c),
+                self.po(l.ln1_b, c),
+                c,
+                LN_EPS,
+            )?;
+        }
+        {
+            let f_in = if pre { acts.ln2_out.at(0, nc) } else { acts.ln1_out.at(0, nc) };
+            self.linear(acts.fc1_pre.at_mut(0, n * f), f_in, l.fc1_w, l.fc1_b, n, c, f)?;
+        }
+        be.activation_forward(cfg.activation(), acts.fc1_act.at_mut(0, n * f), acts.fc1_pre.at(0, n * f))?;
+        self.linear(acts.tmp.at_mut(0, nc), acts.fc1_act.at(0, n * f), l.fc2_w, l.fc2_b, n, f, c)?;
+        if let Some(d) = drop.and_then(|d| d.site(li, 1, d.p)) {
+            be.dropout(acts.tmp.at_mut(0, nc), &d)?;
+        }
+        if pre {
+            be.add(out.rb(), acts.resid1.at(0, nc), acts.tmp.at(0, nc))?;
+        } else {
+            be.add(acts.resid2.at_mut(0, nc), acts.ln1_out.at(0, nc), acts.tmp.at(0, nc))?;
+            be.layernorm_forward(
+                out.rb(),
+                acts.ln2_mean.at_mut(0, n),
+                acts.ln2_rstd.at_mut(0, n),
+                acts.resid2.at(0, nc),
+                self.po(l.ln2_w, c),
+                self.po(l.ln2_b, c),
+                c,
+                LN_EPS,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Final LayerNorm (if any) and `project_out` (if any): `x [N, C]` → `xp [N, Dp]`.
+    /// `xf`/`mean`/`rstd` receive the LayerNorm output and stats.
+    #[allow(clippy::too_many_arguments)]
+    fn head_input(
+        &self,
+        x: View<'_, B::Buf>,
+        xf: &mut B::Buf,
+        mean: &mut B::Buf,
+        rstd: &mut B::Buf,
+        xp: &mut B::Buf,
+        n: usize,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
+        if cfg.has_final_layer_norm() {
+            be.layernorm_forward(
+                xf.at_mut(0, n * c),
+                mean.at_mut(0, n),
+                rstd.at_mut(0, n),
+                x,
+                self.po(self.layout.final_ln_w, c),
+                self.po(self.layout.final_ln_b, c),
+                c,
+                LN_EPS,
+            )?;
+        } else {
+            be.copy(xf.at_mut(0, n * c), x)?;
+        }
+        match self.layout.project_out {
+            Some(po) => be.matmul(xp.at_mut(0, n * dp), xf.at(0, n * c), self.p(po, dp * c), &Gemm::new(n, dp, c, false, true))?,
+            None => be.copy(xp.at_mut(0, n * dp), xf.at(0, n * c))?,
+        }
+        Ok(())
+    }
+
+    /// Inference forward over a (padded) batch of new tokens.
+    ///
+    /// `ids` is `[B, T]`. `mask` is `[B, past + T]` (1 = token, 0 = padding; `None` = all ones)
+    /// where `past = cache.len` (0 without a cache). With a cache, keys/values of the new tokens
+    /// are appended and `cache.len` advances by T. Returns logits `[B·T, V]` or `[B, V]`.
+    pub fn forward(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        mask: Option<&[u8]>,
+        mut cache: Option<&mut KvCache<B>>,
+        mode: LogitsMode,
+    ) -> Result<B::Buf> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+            return Err(ModelError::Input(format!("{} ids do not form a batch of {batch} rows", ids.len())));
+        }
+        let t = ids.len() / batch;
+        let past = cache.as_ref().map_or(0, |c| c.len);
+        let total = past + t;
+        if let Some(c) = cache.as_ref() {
+            if c.batch != batch {
+                return Err(ModelError::Input(format!("KV cache holds {} rows, batch has {batch}", c.batch)));
+            }
+            if total > c.capacity {
+                return Err(ModelError::Input(format!("KV cache capacity {} exceeded ({total} positions)", c.capacity)));
+            }
+        }
+        let ones;
+        let mask = match mask {
+            Some(m) => {
+                if m.len() != batch * total {
+                    return Err(ModelError::Input(format!(
+                        "attention mask has {} entries, expected {batch}×{total}",
+                        m.len()
+                    )));
+                }
+                m
+            }
+            None => {
+                ones = vec![1u8; batch * total];
+                &ones
+            }
+        };
+        let pos = position_ids(mask, batch, total, t);
+        if let Some(&p) = pos.iter().max() {
+            if p as usize >= cfg.position_rows() {
+                return Err(ModelError::Input(format!(
+                    "sequence of {} positions exceeds max_position_embeddings {}",
+                    p as usize + 1 - POSITION_OFFSET,
+                    cfg.max_position_embeddings
+                )));
+            }
+        }
+        let n = batch * t;
+        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let mut acts = LayerActs::new(be, cfg, batch, t, false)?;
+        let mut x_next = be.zeros(DType::F32, n * c)?;
+        let mut emb = be.zeros(DType::F32, if cfg.has_projection() { n * dp } else { 0 })?;
+        self.embed(&mut acts.x_in, &mut emb, ids, &pos)?;
+        for li in 0..cfg.num_hidden_layers {
+            let cache_bufs = match cache.as_deref_mut() {
+                Some(kv) => {
+                    let cap = kv.capacity;
+                    Some((&mut kv.k[li], &mut kv.v[li], past, cap))
+                }
+                None => None,
+            };
+            self.layer_forward(li, &mut acts, x_next.vm(), batch, t, Some(mask), cache_bufs, false, None)?;
+            std::mem::swap(&mut acts.x_in, &mut x_next);
+        }
+        if let Some(kv) = cache {
+            kv.len = total;
+        }
+        // acts.x_in now holds the last layer's output [N, C].
+        let rows = match mode {
+            LogitsMode::All => n,
+            LogitsMode::Last => batch,
+        };
+        let x_rows = match mode {
+            LogitsMode::All => acts.x_in.at(0, n * c),
+            LogitsMode::Last => {
+                // Gather row (b, T-1) of every sequence.
+                be.copy_2d(x_next.at_mut(0, batch * c), c, acts.x_in.at((t - 1) * c, n * c - (t - 1) * c), t * c, batch, c)?;
+                x_next.at(0, batch * c)
+            }
+        };
+        let mut xf = be.zeros(DType::F32, rows * c)?;
+        let mut mean = be.zeros(DType::F32, rows)?;
+        let mut rstd = be.zeros(DType::F32, rows)?;
+        let mut xp = be.zeros(DType::F32, rows * dp)?;
+        self.head_input(x_rows, &mut xf, &mut mean, &mut rstd, &mut xp, rows)?;
+        let mut logits = be.zeros(DType::F32, rows * v)?;
+        let head = self.p(self.layout.lm_head_or_wte(), v * dp);
+        be.matmul(logits.vm(), xp.v(), head, &Gemm::new(rows, v, dp, false, true))?;
+        Ok(logits)
+    }
+
+    /// Training forward and backward: accumulates into `grads` (same layout as `params`, f32)
+    /// the gradient of `loss_scale · Σ cross-entropy` over non-ignored targets, and returns
+    /// `(Σ loss, number of non-ignored targets)`. With `loss_scale = 1 / count` this is the
+    /// gradient of the mean (HF's loss); gradient accumulation passes `1 / total count`.
+    pub fn forward_backward(
+        &self,
+        batch: &TrainBatch<'_>,
+        st: &mut TrainState<B>,
+        grads: &mut B::Buf,
+        loss_scale: Option<f32>,
+        drop: Option<&DropoutCfg>,
+    ) -> Result<(f64, usize)> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let (bsz, t) = (batch.batch, batch.seq);
+        if st.batch != bsz || st.seq != t {
+            return Err(ModelError::Input(format!("train state is for {}×{}, batch is {bsz}×{t}", st.batch, st.seq)));
+        }
+        let n = bsz * t;
+        if batch.ids.len() != n || batch.mask.len() != n || batch.targets.len() != n {
+            return Err(ModelError::Input(format!(
+                "batch of {bsz}×{t} needs {n} ids, mask entries and targets (got {}, {}, {})",
+                batch.ids.len(),
+                batch.mask.len(),
+                batch.targets.len()
+            )));
+        }
+        if grads.len() != self.layout.total() || grads.dtype() != DType::F32 {
+            return Err(ModelError::Input("gradient buffer does not match the parameter layout".into()));
+        }
+        if let Some(bad) = batch.targets.iter().find(|&&x| x >= cfg.vocab_size as i32) {
+            return Err(ModelError::Input(format!("target id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
+        }
+        let (c, f, dp, v) = (cfg.hidden_size, cfg.ffn_dim, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let nc = n * c;
+        let pos = position_ids(batch.mask, bsz, t, t);
+        if let Some(&p) = pos.iter().max() {
+            if p as usize >= cfg.position_rows() {
+                return Err(ModelError::Input(format!(
+                    "sequence of {t} positions exceeds max_position_embeddings {}",
+                    cfg.max_position_embeddings
+                )));
+            }
+        }
+        let lay = &self.layout;
+        let nl = cfg.num_hidden_layers;
+
+        // ---- forward -----------------------------------------------------------------------
+        {
+            let first = &mut st.layers[0];
+            self.embed(&mut first.x_in, &mut st.emb, batch.ids, &pos)?;
+        }
+        for li in 0..nl {
+            let (head, tail) = st.layers.split_at_mut(li + 1);
+            let acts = &mut head[li];
+            let out = match tail.first_mut() {
+                Some(next) => next.x_in.vm(),
+                None => st.x_last.vm(),
+            };
+            self.layer_forward(li, acts, out, bsz, t, Some(batch.mask), None, true, drop)?;
+        }
+        self.head_input(st.x_last.at(0, nc), &mut st.xf, &mut st.lnf_mean, &mut st.lnf_rstd, &mut st.xp, n)?;
+
+        // ---- fused LM head + cross-entropy, in row chunks --------------------------------
+        let count = batch.targets.iter().filter(|&&x| x >= 0).count();
+        let scale = loss_scale.unwrap_or(if count > 0 { 1.0 / count as f32 } else { 0.0 });
+        let head_off = lay.lm_head_or_wte();
+        let mut total_loss = 0f64;
+        let mut r0 = 0;
+        while r0 < n {
+            let rows = LOSS_CHUNK.min(n - r0);
+            let xp = st.xp.at(r0 * dp, rows * dp);
+            be.matmul(st.logits.at_mut(0, rows * v), xp, self.p(head_off, v * dp), &Gemm::new(rows, v, dp, false, true))?;
+            be.cross_entropy(
+                st.logits.at_mut(0, rows * v),
+                st.losses.at_mut(0, rows),
+                &batch.targets[r0..r0 + rows],
+                v,
+                Some(scale),
+            )?;
+            total_loss += be.to_f32(st.losses.at(0, rows))?.iter().map(|&x| x as f64).sum::<f64>();
+            // d head[V, Dp] += dlogitsᵀ · xp ; dxp = dlogits · head
+            be.matmul(
+                grads.at_mut(head_off, v * dp),
+                st.logits.at(0, rows * v),
+                xp,
+                &Gemm::new(v, dp, rows, true, false).accumulate(),
+            )?;
+            be.matmul(
+                st.dxp.at_mut(r0 * dp, rows * dp),
+                st.logits.at(0, rows * v),
+                self.p(head_off, v * dp),
+                &Gemm::new(rows, dp, v, false, false),
+            )?;
+            r0 += rows;
+        }
+
+        // ---- backward through project_out and the final LayerNorm ------------------------
+        // st.dx <- d(last layer output)
+        let dxf = match lay.project_out {
+            Some(po) => {
+                be.matmul(grads.at_mut(po, dp * c), st.dxp.at(0, n * dp), st.xf.at(0, nc), &Gemm::new(dp, c, n, true, false).accumulate())?;
+                be.matmul(st.da.at_mut(0, nc), st.dxp.at(0, n * dp), self.p(po, dp * c), &Gemm::new(n, c, dp, false, false))?;
+                st.da.at(0, nc)
+            }
+            None => st.dxp.at(0, nc),
+        };
+        if cfg.has_final_layer_norm() {
+            be.fill(st.dx.at_mut(0, nc), 0.0)?;
+            ln_backward(
+                be,
+                grads,
+                &mut st.dlnw,
+                &mut st.dlnb,
+                lay.final_ln_w,
+                lay.final_ln_b,
+                st.dx.at_mut(0, nc),
+                dxf,
+                st.x_last.at(0, nc),
+                self.po(lay.final_ln_w, c),
+                st.lnf_mean.at(0, n),
+                st.lnf_rstd.at(0, n),
+                c,
+            )?;
+        } else {
+            be.copy(st.dx.at_mut(0, nc), dxf)?;
+        }
+
+        // ---- layers, last to first -----------------------------------------------------------
+        for li in (0..nl).rev() {
+            self.layer_backward(li, st, grads, bsz, t, drop)?;
+        }
+
+        // ---- embeddings ----------------------------------------------------------------------
+        be.embedding_backward(grads.at_mut(lay.wpe, cfg.position_rows() * c), &pos, st.dx.at(0, nc), c)?;
+        match lay.project_in {
+            Some(pi) => {
+                be.matmul(grads.at_mut(pi, c * dp), st.dx.at(0, nc), st.emb.at(0, n * dp), &Gemm::new(c, dp, n, true, false).accumulate())?;
+                be.matmul(st.demb.at_mut(0, n * dp), st.dx.at(0, nc), self.p(pi, c * dp), &Gemm::new(n, dp, c, false, false))?;
+            }
+            None => be.copy(st.demb.at_mut(0, n * dp), st.dx.at(0, nc))?,
+        }
+        // nn.Embedding(padding_idx = pad_token_id): the padding row gets no gradient from the
+        // lookup (it may still get one through a tied LM head).
+        for (r, &id) in batch.ids.iter().enumerate() {
+            if id == cfg.pad_token_id {
+                be.fill(st.demb.at_mut(r * dp, dp), 0.0)?;
+            }
+        }
+        be.embedding_backward(grads.at_mut(lay.wte, v * dp), batch.ids, st.demb.at(0, n * dp), dp)?;
+        let _ = f;
+        Ok((total_loss, count))
+    }
+
+    /// Linear backward: `dW += dyᵀ x`, `db += Σ dy`, `dx (+)= dy W`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        grads: &mut B::Buf,
+        dx: ViewMut<'_, B::Buf>,
+        dx_accumulate: bool,
+        dy: View<'_, B::Buf>,
+        x: View<'_, B::Buf>,
+        w: usize,
+        b: Option<usize>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let be = &self.backend;
+        be.matmul(grads.at_mut(w, out_dim * in_dim), dy, x, &Gemm::new(out_dim, in_dim, rows, true, false).accumulate())?;
+        if let Some(b) = b {
+            be.bias_backward(grads.at_mut(b, out_dim), dy, out_dim)?;
+        }
+        let mut g = Gemm::new(rows, in_dim, out_dim, false, false);
+        if dx_accumulate {
+            g = g.accumulate();
+        }
+        be.matmul(dx, dy, self.p(w, out_dim * in_dim), &g)?;
+        Ok(())
+    }
+
+    /// Backward of layer `li`: on entry `st.dx` = d(layer output); on exit d(layer input).
+    fn layer_backward(
+        &self,
+        li: usize,
+        st: &mut TrainState<B>,
+        grads: &mut B::Buf,
+        batch: usize,
+        t: usize,
+        drop: Option<&DropoutCfg>,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let l = &self.layout.layers[li];
+        let (c, f) = (cfg.hidden_size, cfg.ffn_dim);
+        let n = batch * t;
+        let nc = n * c;
+        let nf = n * f;
+        let pre = cfg.do_layer_norm_before;
+        let acts = &st.layers[li];
+        let act = cfg.activation();
+
+        // FFN block. `st.da` ends as d(f_in).
+        // pre-LN: out = resid1 + drop(fc2(act(fc1(ln2(resid1)))))
+        // post-LN: out = ln2(resid2), resid2 = ln1_out + drop(fc2(...(ln1_out)))
+        if !pre {
+            // st.dc = d resid2
+            be.fill(st.dc.at_mut(0, nc), 0.0)?;
+            ln_backward(
+                be,
+                grads,
+                &mut st.dlnw,
+                &mut st.dlnb,
+                l.ln2_w,
+                l.ln2_b,
+                st.dc.at_mut(0, nc),
+                st.dx.at(0, nc),
+                acts.resid2.at(0, nc),
+                self.po(l.ln2_w, c),
+                acts.ln2_mean.at(0, n),
+                acts.ln2_rstd.at(0, n),
+                c,
+            )?;
+            // residual path: d ln1_out starts as d resid2
+            be.copy(st.dx.at_mut(0, nc), st.dc.at(0, nc))?;
+        } else {
+            be.copy(st.dc.at_mut(0, nc), st.dx.at(0, nc))?;
+        }
+        // st.dc = d(fc2 output) before dropout-backward; st.dx = d(residual input of FFN)
+        if let Some(d) = drop.and_then(|d| d.site(li, 1, d.p)) {
+            be.dropout(st.dc.at_mut(0, nc), &d)?;
+        }
+        self.linear_backward(grads, st.df1.at_mut(0, nf), false, st.dc.at(0, nc), acts.fc1_act.at(0, nf), l.fc2_w, l.fc2_b, n, f, c)?;
+        be.activation_backward(act, st.df2.at_mut(0, nf), acts.fc1_pre.at(0, nf), st.df1.at(0, nf))?;
+        let f_in = if pre { acts.ln2_out.at(0, nc) } else { acts.ln1_out.at(0, nc) };
+        self.linear_backward(grads, st.da.at_mut(0, nc), false, st.df2.at(0, nf), f_in, l.fc1_w, l.fc1_b, n, c, f)?;
+        if pre {
+            // d resid1 = d out (residual, in st.dx) + LN2ᵀ(d f_in)
+            ln_backward(
+                be,
+                grads,
+                &mut st.dlnw,
+                &mut st.dlnb,
+                l.ln2_w,
+                l.ln2_b,
+                st.dx.at_mut(0, nc),
+                st.da.at(0, nc),
+                acts.resid1.at(0, nc),
+                self.po(l.ln2_w, c),
+                acts.ln2_mean.at(0, n),
+                acts.ln2_rstd.at(0, n),
+                c,
+            )?;
+        } else {
+            // d ln1_out = residual part (st.dx) + d f_in; then d resid1 = LN1ᵀ(d ln1_out)
+            be.add_assign(st.dx.at_mut(0, nc), st.da.at(0, nc))?;
+            be.fill(st.dc.at_mut(0, nc), 0.0)?;
+            ln_backward(
+                be,
+                grads,
+                &mut st.dlnw,
+                &mut st.dlnb,
+                l.ln1_w,
+                l.ln1_b,
+                st.dc.at_mut(0, nc),
+                st.dx.at(0, nc),
+                acts.resid1.at(0, nc),
+                self.po(l.ln1_w, c),
+                acts.ln1_mean.at(0, n),
+                acts.ln1_rstd.at(0, n),
+                c,
+            )?;
+            be.copy(st.dx.at_mut(0, nc), st.dc.at(0, nc))?;
+        }
+        // st.dx = d resid1 = d x_in (residual part) = d(out_proj output after dropout)
+
+        // Attention block.
+        be.copy(st.dc.at_mut(0, nc), st.dx.at(0, nc))?;
+        if let Some(d) = drop.and_then(|d| d.site(li, 0, d.p)) {
+            be.dropout(st.dc.at_mut(0, nc), &d)?;
+        }
+        self.linear_backward(grads, st.db.at_mut(0, nc), false, st.dc.at(0, nc), acts.attn_y.at(0, nc), l.o_w, l.o_b, n, c, c)?;
+        let dims = AttnDims {
+            batch,
+            tq: t,
+            tk: t,
+            heads: cfg.num_attention_heads,
+            head_dim: cfg.head_dim(),
+            q_offset: 0,
+            kv_batch_stride: t * c,
+            scale: (cfg.head_dim() as f32).powf(-0.5),
+        };
+        let attn_drop = drop.and_then(|d| d.site(li, 2, d.attn_p));
+        be.attention_backward(
+            st.dq.at_mut(0, nc),
+            st.dk.at_mut(0, nc),
+            st.dv.at_mut(0, nc),
+            st.db.at(0, nc),
+            acts.q.at(0, nc),
+            acts.k.at(0, nc),
+            acts.v.at(0, nc),
+            acts.probs.v(),
+            &dims,
+            attn_drop.as_ref(),
+        )?;
+        let a_in = if pre { acts.ln1_out.at(0, nc) } else { acts.x_in.at(0, nc) };
+        self.linear_backward(grads, st.da.at_mut(0, nc), false, st.dq.at(0, nc), a_in, l.q_w, l.q_b, n, c, c)?;
+        self.linear_backward(grads, st.da.at_mut(0, nc), true, st.dk.at(0, nc), a_in, l.k_w, l.k_b, n, c, c)?;
+        self.linear_backward(grads, st.da.at_mut(0, nc), true, st.dv.at(0, nc), a_in, l.v_w, l.v_b, n, c, c)?;
+        if pre {
+            ln_backward(
+                be,
+                grads,
+                &mut st.dlnw,
+                &mut st.dlnb,
+                l.ln1_w,
+                l.ln1_b,
+                st.dx.at_mut(0, nc),
+                st.da.at(0, nc),
+                acts.x_in.at(0, nc),
+                self.po(l.ln1_w, c),
+                acts.ln1_mean.at(0, n),
+                acts.ln1_rstd.at(0, n),
+                c,
+            )?;
+        } else {
+            be.add_assign(st.dx.at_mut(0, nc), st.da.at(0, nc))?;
+        }
+        Ok(())
+    }
+}
+
+/// LayerNorm backward whose weight/bias gradients land in `grads` at `w`/`b`. The kernel
+/// accumulates them into scratch first because two writable windows of one buffer cannot be
+/// borrowed at once.
+#[allow(clippy::too_many_arguments)]
+fn ln_backward<B: Backend>(
+    be: &B,
+    grads: &mut B::Buf,
+    dlnw: &mut B::Buf,
+    dlnb: &mut B::Buf,
+    w: Option<usize>,
+    b: Option<usize>,
+    dinp: ViewMut<'_, B::Buf>,
+    dout: View<'_, B::Buf>,
+    inp: View<'_, B::Buf>,
+    weight: Option<View<'_, B::Buf>>,
+    mean: View<'_, B::Buf>,
+    rstd: View<'_, B::Buf>,
+    c: usize,
+) -> Result<()> {
+    if w.is_some() {
+        be.fill(dlnw.at_mut(0, c), 0.0)?;
+    }
+    if b.is_some() {
+        be.fill(dlnb.at_mut(0, c), 0.0)?;
+    }
+    be.layernorm_backward(
+        dinp,
+        w.map(|_| dlnw.at_mut(0, c)),
+        b.map(|_| dlnb.at_mut(0, c)),
+        dout,
+        inp,
+        weight,
+        mean,
+        rstd,
+        c,
+    )?;
+    if let Some(o) = w {
+        be.add_assign(grads.at_mut(o, c), dlnw.at(0, c))?;
+    }
+    if let Some(o) = b {
+        be.add_assign(grads.at_mut(o, c), dlnb.at(0, c))?;
+    }
+    Ok(())
+}
+
+fn check_ids(ids: &[u32], vocab: usize) -> Result<()> {
+    match ids.iter().find(|&&i| i as usize >= vocab) {
+        Some(bad) => Err(ModelError::Input(format!("token id {bad} is outside the vocabulary of {vocab}"))),
+        None => Ok(()),
+    }
+}

@@ -1,0 +1,159 @@
+//! Parameter layout: every parameter (and, with the same layout, every gradient and optimizer
+//! moment) lives in one buffer carved into named views, llm.c style. "Zero all grads", "clip",
+//! "AdamW over everything" and "shard across ranks" are then loops over one buffer.
+//!
+//! Names are HF's (without the `model.` prefix of `OPTForCausalLM`), so a key in a safetensors
+//! file points straight at a parameter.
+
+use crate::config::OptConfig;
+
+/// One parameter: its HF name, shape and element offset in the flat buffer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    /// Matrices (weights of linear layers and embeddings) are decayed by default; biases and
+    /// norms may be excluded by the optimizer.
+    pub is_matrix: bool,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Offsets of the parameters of one decoder layer (`None` where the config has no such tensor).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerIdx {
+    pub q_w: usize,
+    pub q_b: Option<usize>,
+    pub k_w: usize,
+    pub k_b: Option<usize>,
+    pub v_w: usize,
+    pub v_b: Option<usize>,
+    pub o_w: usize,
+    pub o_b: Option<usize>,
+    pub ln1_w: Option<usize>,
+    pub ln1_b: Option<usize>,
+    pub fc1_w: usize,
+    pub fc1_b: Option<usize>,
+    pub fc2_w: usize,
+    pub fc2_b: Option<usize>,
+    pub ln2_w: Option<usize>,
+    pub ln2_b: Option<usize>,
+}
+
+/// The layout of all parameters for a config.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParamLayout {
+    pub specs: Vec<ParamSpec>,
+    /// `decoder.embed_tokens.weight` `[V, Dp]`.
+    pub wte: usize,
+    /// `decoder.embed_positions.weight` `[P + 2, C]`.
+    pub wpe: usize,
+    /// `decoder.project_in.weight` `[C, Dp]` (350M).
+    pub project_in: Option<usize>,
+    /// `decoder.project_out.weight` `[Dp, C]` (350M).
+    pub project_out: Option<usize>,
+    pub final_ln_w: Option<usize>,
+    pub final_ln_b: Option<usize>,
+    /// `lm_head.weight` `[V, Dp]`, or `None` when tied to `wte`.
+    pub lm_head: Option<usize>,
+    pub layers: Vec<LayerIdx>,
+    total: usize,
+}
+
+impl ParamLayout {
+    pub fn new(cfg: &OptConfig) -> Self {
+        let (v, c, dp, f) = (cfg.vocab_size, cfg.hidden_size, cfg.word_embed_proj_dim, cfg.ffn_dim);
+        let mut specs: Vec<ParamSpec> = Vec::new();
+        let mut off = 0usize;
+        let mut add = |name: String, shape: Vec<usize>| -> usize {
+            let o = off;
+            let is_matrix = shape.len() == 2;
+            off += shape.iter().product::<usize>();
+            specs.push(ParamSpec { name, shape, offset: o, is_matrix });
+            o
+        };
+        let bias = cfg.enable_bias;
+        let affine = cfg.layer_norm_elementwise_affine;
+        let wte = add("decoder.embed_tokens.weight".into(), vec![v, dp]);
+        let wpe = add("decoder.embed_positions.weight".into(), vec![cfg.position_rows(), c]);
+        let (project_in, project_out) = if cfg.has_projection() {
+            (
+                Some(add("decoder.project_in.weight".into(), vec![c, dp])),
+                Some(add("decoder.project_out.weight".into(), vec![dp, c])),
+            )
+        } else {
+            (None, None)
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let p = format!("decoder.layers.{i}.");
+            let mut lin = |name: &str, out: usize, inp: usize| -> (usize, Option<usize>) {
+                let w = add(format!("{p}{name}.weight"), vec![out, inp]);
+                let b = bias.then(|| add(format!("{p}{name}.bias"), vec![out]));
+                (w, b)
+            };
+            let (k_w, k_b) = lin("self_attn.k_proj", c, c);
+            let (v_w, v_b) = lin("self_attn.v_proj", c, c);
+            let (q_w, q_b) = lin("self_attn.q_proj", c, c);
+            let (o_w, o_b) = lin("self_attn.out_proj", c, c);
+            let ln1_w = affine.then(|| add(format!("{p}self_attn_layer_norm.weight"), vec![c]));
+            let ln1_b = affine.then(|| add(format!("{p}self_attn_layer_norm.bias"), vec![c]));
+            let mut lin = |name: &str, out: usize, inp: usize| -> (usize, Option<usize>) {
+                let w = add(format!("{p}{name}.weight"), vec![out, inp]);
+                let b = bias.then(|| add(format!("{p}{name}.bias"), vec![out]));
+                (w, b)
+            };
+            let (fc1_w, fc1_b) = lin("fc1", f, c);
+            let (fc2_w, fc2_b) = lin("fc2", c, f);
+            let ln2_w = affine.then(|| add(format!("{p}final_layer_norm.weight"), vec![c]));
+            let ln2_b = affine.then(|| add(format!("{p}final_layer_norm.bias"), vec![c]));
+            layers.push(LayerIdx {
+                q_w,
+                q_b,
+                k_w,
+                k_b,
+                v_w,
+                v_b,
+                o_w,
+                o_b,
+                ln1_w,
+                ln1_b,
+                fc1_w,
+                fc1_b,
+                fc2_w,
+                fc2_b,
+                ln2_w,
+                ln2_b,
+            });
+        }
+        let (final_ln_w, final_ln_b) = if cfg.has_final_layer_norm() && affine {
+            (
+                Some(add("decoder.final_layer_norm.weight".into(), vec![c])),
+                Some(add("decoder.final_layer_norm.bias".into(), vec![c])),
+            )
+        } else {
+            (None, None)
+        };
+        let lm_head = (!cfg.tie_word_embeddings).then(|| add("lm_head.weight".into(), vec![v, dp]));
+        ParamLayout { specs, wte, wpe, project_in, project_out, final_ln_w, final_ln_b, lm_head, layers, total: off }
+    }
+
+    /// Total number of parameter elements.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn find(&self, name: &str) -> Option<&ParamSpec> {
+        self.specs.iter().find(|s| s.name == name)
+    }
+
+    /// Offset of the output (LM head) matrix: `lm_head` or the tied token embedding.
+    pub fn lm_head_or_wte(&self) -> usize {
+        self.lm_head.unwrap_or(self.wte)
+    }
+}
