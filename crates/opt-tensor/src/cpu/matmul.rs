@@ -10,12 +10,17 @@
 
 use rayon::prelude::*;
 
-use super::par;
+use super::memory::widen_into;
+use super::{par, with_scratch, CpuBuf};
 use crate::backend::Gemm;
 use crate::{Result, TensorError};
 
 /// Problems with fewer multiply-adds than this run single-threaded (a fork costs more).
 const PAR_GEMM_WORK: usize = 64 * 64 * 64;
+
+/// Output columns per task in the column-blocked product (a multiple of every microkernel
+/// width). A `b` block of 1024 × k stays in L2/L3 while it is converted and consumed.
+const COL_BLOCK: usize = 1024;
 
 /// Elements a batched operand needs: `(batch - 1) * stride + size`.
 fn extent(batch: usize, stride: usize, size: usize) -> Option<usize> {
@@ -46,25 +51,36 @@ pub(crate) fn check(out_len: usize, a_len: usize, b_len: usize, g: &Gemm) -> Res
     Ok(())
 }
 
+/// Whether a low-precision `b` should be widened block by block inside the product (large
+/// problems: no full-size f32 copy of a big weight, and the conversion runs in parallel and
+/// in cache) rather than all at once up front.
+pub(crate) fn widen_b_per_block(g: &Gemm) -> bool {
+    g.batch >= 1 && g.n >= 2 * COL_BLOCK && g.m * g.n * g.k >= PAR_GEMM_WORK
+}
+
+/// Zero the outputs (or scale them by beta) when `k == 0`: the product is empty.
+fn empty_product(out: &mut [f32], g: &Gemm) {
+    let mn = g.m * g.n;
+    for bi in 0..g.batch {
+        let o = &mut out[bi * g.stride_out..bi * g.stride_out + mn];
+        if g.beta == 0.0 {
+            o.fill(0.0);
+        } else {
+            o.iter_mut().for_each(|x| *x *= g.beta);
+        }
+    }
+}
+
 /// `out[b] = alpha * op(a[b]) · op(b[b]) + beta * out[b]` (lengths already checked by [`check`]).
 pub(crate) fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &Gemm) {
     let Gemm { m, n, k, batch, stride_a, stride_b, stride_out, .. } = *g;
     if batch == 0 || m == 0 || n == 0 {
         return;
     }
-    let mn = m * n;
     if k == 0 {
-        // Empty inner dimension: the product is zero.
-        for bi in 0..batch {
-            let o = &mut out[bi * stride_out..bi * stride_out + mn];
-            if g.beta == 0.0 {
-                o.fill(0.0);
-            } else {
-                o.iter_mut().for_each(|x| *x *= g.beta);
-            }
-        }
-        return;
+        return empty_product(out, g);
     }
+    let mn = m * n;
     let (a_size, b_size) = (m * k, k * n);
     let work = mn * k;
     let disjoint = stride_out >= mn;
@@ -87,6 +103,95 @@ pub(crate) fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &Gemm) {
         let a = &a[bi * stride_a..bi * stride_a + a_size];
         let b = &b[bi * stride_b..bi * stride_b + b_size];
         gemm_one(o, a, b, g, parallelism);
+    }
+}
+
+/// Like [`matmul`] with a bf16/f16 `b` (`buf[b_off..]`), widened to f32 one column block at a
+/// time in thread-local scratch; blocks run in parallel. For [`widen_b_per_block`] problems.
+pub(crate) fn matmul_wide_b(out: &mut [f32], a: &[f32], b: &CpuBuf, b_off: usize, g: &Gemm) {
+    let Gemm { m, n, k, batch, stride_a, stride_b, stride_out, .. } = *g;
+    if batch == 0 || m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        return empty_product(out, g);
+    }
+    let (mn, a_size) = (m * n, m * k);
+    for bi in 0..batch {
+        let o = &mut out[bi * stride_out..bi * stride_out + mn];
+        let a = &a[bi * stride_a..bi * stride_a + a_size];
+        let off = b_off + bi * stride_b;
+        col_blocked(o, a, g, |j0, w, scratch| {
+            scratch.resize(k * w, 0.0);
+            if g.trans_b {
+                // Rows j0..j0+w of the stored n×k matrix: one contiguous range.
+                widen_into(b, off + j0 * k, scratch);
+            } else {
+                // Columns j0..j0+w of the stored k×n matrix: k strided row pieces.
+                for (p, row) in scratch.chunks_exact_mut(w).enumerate() {
+                    widen_into(b, off + p * n + j0, row);
+                }
+            }
+        });
+    }
+}
+
+/// Raw output pointer shared by column-block tasks, each writing its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: only used by `col_blocked`, whose tasks write disjoint column ranges.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// One m×n problem split into [`COL_BLOCK`]-wide column blocks computed in parallel, each by a
+/// serial gemm. `fill(j0, w, scratch)` writes columns `j0..j0+w` of `op(b)` into `scratch` as a
+/// k×w (`!trans_b`) or w×k (`trans_b`) row-major block.
+fn col_blocked(out: &mut [f32], a: &[f32], g: &Gemm, fill: impl Fn(usize, usize, &mut Vec<f32>) + Sync) {
+    let (m, n, k) = (g.m, g.n, g.k);
+    debug_assert!(out.len() == m * n && a.len() == m * k);
+    let (a_rs, a_cs) = if g.trans_a { (1, m) } else { (k, 1) };
+    let dst = OutPtr(out.as_mut_ptr());
+    let blocks = n.div_ceil(COL_BLOCK);
+    let task = |bi: usize| {
+        let j0 = bi * COL_BLOCK;
+        let w = COL_BLOCK.min(n - j0);
+        with_scratch(|scratch| {
+            fill(j0, w, scratch);
+            let (b_rs, b_cs) = if g.trans_b { (1, k) } else { (w, 1) };
+            let dst = dst;
+            // SAFETY: `scratch` holds the k×w block of op(b) with these strides (filled above).
+            // The block writes out[i * n + j0 + jj] for i < m, jj < w: inside `out` (m×n), and
+            // tasks have disjoint column ranges, so no two tasks touch the same element; `out`
+            // stays exclusively borrowed by this function until every task has finished.
+            unsafe {
+                gemm::gemm(
+                    m,
+                    w,
+                    k,
+                    dst.0.add(j0),
+                    1,
+                    n as isize,
+                    g.beta != 0.0,
+                    a.as_ptr(),
+                    a_cs as isize,
+                    a_rs as isize,
+                    scratch.as_ptr(),
+                    b_cs as isize,
+                    b_rs as isize,
+                    g.beta,
+                    g.alpha,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    };
+    if par::worth_parallel(m * n * k, PAR_GEMM_WORK) {
+        (0..blocks).into_par_iter().for_each(task);
+    } else {
+        (0..blocks).for_each(task);
     }
 }
 
@@ -197,6 +302,25 @@ mod tests {
         let a = CpuBuf::from_f32_vec(vec![1.0, 2.0, 3.0, 4.0]);
         be.matmul(out.vm(), a.v(), a.v(), &Gemm::new(2, 2, 2, false, false)).unwrap();
         assert_eq!(out.to_f32_vec(), vec![7.0, 10.0, 15.0, 22.0]);
+    }
+
+    #[test]
+    fn low_precision_b_widened_per_column_block() {
+        // n spans several COL_BLOCKs plus a ragged tail, so `matmul_wide_b` is taken.
+        let n = 2 * COL_BLOCK + 37;
+        for (tb, dt) in [(true, DType::BF16), (false, DType::F16), (true, DType::F16)] {
+            let g = Gemm::new(6, n, 24, false, tb);
+            assert!(widen_b_per_block(&g));
+            check_case(g, DType::F32, dt, 11);
+            let mut g2 = Gemm::new(5, n, 16, true, tb);
+            g2.alpha = -1.5;
+            g2.beta = 0.5;
+            g2.batch = 2;
+            g2.stride_a = 5 * 16 + 1;
+            g2.stride_b = n * 16 + 3;
+            g2.stride_out = 5 * n;
+            check_case(g2, DType::F32, dt, 12);
+        }
     }
 
     #[test]

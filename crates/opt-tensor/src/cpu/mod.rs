@@ -184,24 +184,32 @@ thread_local! {
 /// Most buffers kept per thread; more are simply dropped.
 const SCRATCH_POOL: usize = 4;
 
-/// Run `f` on the view as f32: borrowed when f32, otherwise widened into pooled scratch.
-pub(crate) fn with_f32<R>(op: &'static str, v: View<'_, CpuBuf>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    check_bounds(op, v.buf.len(), v.off, v.len)?;
-    if let CpuBuf::F32(data) = v.buf {
-        return Ok(f(&data[v.off..v.off + v.len]));
-    }
+/// Run `f` with a vector from this thread's scratch pool (contents unspecified; it is
+/// returned to the pool afterwards).
+pub(crate) fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>) -> R) -> R {
     let mut scratch = SCRATCH.with(|p| p.borrow_mut().pop()).unwrap_or_default();
-    scratch.clear();
-    scratch.resize(v.len, 0.0);
-    memory::widen_into(v.buf, v.off, &mut scratch);
-    let r = f(&scratch);
+    let r = f(&mut scratch);
     SCRATCH.with(|p| {
         let mut pool = p.borrow_mut();
         if pool.len() < SCRATCH_POOL {
             pool.push(scratch);
         }
     });
-    Ok(r)
+    r
+}
+
+/// Run `f` on the view as f32: borrowed when f32, otherwise widened into pooled scratch.
+pub(crate) fn with_f32<R>(op: &'static str, v: View<'_, CpuBuf>, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    check_bounds(op, v.buf.len(), v.off, v.len)?;
+    if let CpuBuf::F32(data) = v.buf {
+        return Ok(f(&data[v.off..v.off + v.len]));
+    }
+    Ok(with_scratch(|scratch| {
+        scratch.clear();
+        scratch.resize(v.len, 0.0);
+        memory::widen_into(v.buf, v.off, scratch);
+        f(scratch)
+    }))
 }
 
 fn shape_err(op: &'static str, detail: String) -> TensorError {
@@ -326,7 +334,15 @@ impl Backend for CpuBackend {
         const OP: &str = "matmul";
         let out = f32_mut(OP, out)?;
         matmul::check(out.len(), a.len, b.len, g)?;
-        with_f32(OP, a, |a| with_f32(OP, b, |b| matmul::matmul(out, a, b, g)))??;
+        check_bounds(OP, b.buf.len(), b.off, b.len)?;
+        with_f32(OP, a, |a| {
+            if b.buf.dtype() != DType::F32 && matmul::widen_b_per_block(g) {
+                matmul::matmul_wide_b(out, a, b.buf, b.off, g);
+                Ok(())
+            } else {
+                with_f32(OP, b, |b| matmul::matmul(out, a, b, g))
+            }
+        })??;
         Ok(())
     }
 
