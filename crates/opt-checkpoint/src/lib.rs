@@ -11,12 +11,12 @@
 //!
 //! # Layout of the crate
 //!
-//! * [`safetensors`](crate::safetensors) — parsing (and validating) a single `.safetensors`
+//! * [`safetensors`] — parsing (and validating) a single `.safetensors`
 //!   file, which is memory-mapped; tensors borrow their bytes from the map.
 //! * `sharded` — the HF `*.index.json` files (`{"metadata": {...}, "weight_map": {...}}`)
 //!   that split a checkpoint over several shard files, for both safetensors and `.bin`.
-//! * [`pickle`](crate::pickle) — the restricted unpickler (allowed opcodes and globals, and why).
-//! * [`torchzip`](crate::torchzip) — PyTorch's zip checkpoint format (`pytorch_model.bin`):
+//! * [`pickle`] — the restricted unpickler (allowed opcodes and globals, and why).
+//! * [`torchzip`] — PyTorch's zip checkpoint format (`pytorch_model.bin`):
 //!   finding `data.pkl`, mapping storages, materialising strided views.
 //! * `convert` — dtype conversion (F64/F32/BF16/F16 to f32/bf16/f16, round to nearest even).
 //! * `save` — writing safetensors files, single ([`save_safetensors`]) and sharded

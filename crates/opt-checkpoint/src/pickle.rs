@@ -38,9 +38,11 @@
 //! The interpreter is a loop over the input with no recursion over data, so deeply nested or
 //! cyclic structures cannot overflow the stack; every length is checked against the remaining
 //! input before anything is allocated, memo indices use a map (no huge allocations from a large
-//! `LONG_BINPUT`), and strings/tuples are reference-counted so `DUP`/`BINGET` are O(1).
-//! Mutable containers (lists, dicts) live in arenas and are referred to by index, so
-//! self-referencing containers are fine. Malformed input yields an error message, never a panic.
+//! `LONG_BINPUT`), and `DUP`/`BINGET` are O(1). All containers (tuples, lists, dicts) live in
+//! arenas and values refer to them by index, so a value never owns another value: cyclic
+//! containers are fine and dropping a million-deep nested tuple cannot overflow the stack.
+//! The work emulated calls may do copying containers is bounded by the input size. Malformed
+//! input yields an error message, never a panic.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -94,7 +96,8 @@ pub enum Value {
     Float(f64),
     Str(Rc<str>),
     Bytes(Rc<[u8]>),
-    Tuple(Rc<[Value]>),
+    /// Index into [`Unpickled::tuples`].
+    Tuple(usize),
     /// Index into [`Unpickled::lists`] (also used for sets).
     List(usize),
     /// Index into [`Unpickled::dicts`].
@@ -133,6 +136,7 @@ impl Value {
 #[derive(Debug, Default)]
 pub struct Unpickled {
     pub top: Option<Value>,
+    pub tuples: Vec<Rc<[Value]>>,
     pub lists: Vec<Vec<Value>>,
     pub dicts: Vec<Vec<(Value, Value)>>,
 }
@@ -140,6 +144,13 @@ pub struct Unpickled {
 impl Unpickled {
     pub fn top(&self) -> &Value {
         self.top.as_ref().unwrap_or(&Value::None)
+    }
+    /// The items of tuple `v` (empty for non-tuples).
+    pub fn tuple(&self, v: &Value) -> &[Value] {
+        match v {
+            Value::Tuple(i) => self.tuples.get(*i).map(|t| &t[..]).unwrap_or_default(),
+            _ => &[],
+        }
     }
     /// The entries of dict `v` (empty for non-dicts).
     pub fn dict(&self, v: &Value) -> &[(Value, Value)] {
@@ -218,6 +229,9 @@ fn storage_dtype(name: &str) -> Option<FileDType> {
 
 /// Largest number of opcodes executed (a bound on work; real state dicts use far fewer).
 const MAX_OPS: usize = 1 << 30;
+/// Values emulated calls may copy per input byte (plus 1M): real files copy almost nothing, and
+/// the bound keeps a crafted pickle from making us do quadratic work.
+const COPY_LIMIT_PER_BYTE: usize = 64;
 /// Largest nesting of `_rebuild_from_type_v2` emulation.
 const MAX_CALL_DEPTH: usize = 4;
 
@@ -228,6 +242,8 @@ struct Machine<'a> {
     marks: Vec<usize>,
     memo: HashMap<u64, Value>,
     out: Unpickled,
+    /// Values copied by emulated calls so far (see [`COPY_LIMIT_PER_BYTE`]).
+    copied: usize,
 }
 
 /// Interprets `data` as a pickle and returns its top object. Never executes code.
@@ -239,6 +255,7 @@ pub fn unpickle(data: &[u8]) -> std::result::Result<Unpickled, PickleError> {
         marks: Vec::new(),
         memo: HashMap::new(),
         out: Unpickled::default(),
+        copied: 0,
     };
     let mut ops = 0usize;
     loop {
@@ -329,6 +346,28 @@ impl Machine<'_> {
     fn push(&mut self, v: Value) {
         self.stack.push(v);
     }
+    fn new_tuple(&mut self, items: Vec<Value>) -> Value {
+        self.out.tuples.push(items.into());
+        Value::Tuple(self.out.tuples.len() - 1)
+    }
+    fn tuple_items(&self, i: usize) -> Rc<[Value]> {
+        self.out
+            .tuples
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| Rc::from(Vec::new()))
+    }
+    /// Accounts for `n` values copied by an emulated call; bounds the total work.
+    fn charge_copy(&mut self, n: usize) -> R<()> {
+        self.copied = self.copied.saturating_add(n);
+        let limit = COPY_LIMIT_PER_BYTE
+            .saturating_mul(self.data.len())
+            .saturating_add(1 << 20);
+        if self.copied > limit {
+            return Err("too much data copied by emulated calls".into());
+        }
+        Ok(())
+    }
     fn new_list(&mut self, items: Vec<Value>) -> Value {
         self.out.lists.push(items);
         Value::List(self.out.lists.len() - 1)
@@ -413,7 +452,7 @@ impl Machine<'_> {
     /// Emulates calling `func(*args)`.
     fn call(&mut self, func: Value, args: Value, depth: usize) -> R<Value> {
         let args: Rc<[Value]> = match args {
-            Value::Tuple(t) => t,
+            Value::Tuple(i) => self.tuple_items(i),
             Value::Opaque(d) => return Ok(Value::Opaque(call_desc(&d))),
             other => return Err(format!("call arguments are {}, not a tuple", other.kind())),
         };
@@ -426,15 +465,11 @@ impl Machine<'_> {
             Builtin::OrderedDict => {
                 let mut items = Vec::new();
                 if let Some(Value::List(i)) = args.first() {
-                    for pair in self
-                        .out
-                        .lists
-                        .get(*i)
-                        .map(Vec::as_slice)
-                        .unwrap_or_default()
-                    {
-                        if let Value::Tuple(kv) = pair {
-                            if let [k, v] = &kv[..] {
+                    let pairs = self.out.lists.get(*i).cloned().unwrap_or_default();
+                    self.charge_copy(pairs.len())?;
+                    for pair in pairs {
+                        if let Value::Tuple(t) = pair {
+                            if let [k, v] = &self.tuple_items(t)[..] {
                                 items.push((k.clone(), v.clone()));
                             }
                         }
@@ -443,7 +478,7 @@ impl Machine<'_> {
                 Ok(self.new_dict(items))
             }
             Builtin::RebuildTensor | Builtin::RebuildTensorV2 | Builtin::RebuildTensorV3 => {
-                rebuild_tensor(&args)
+                rebuild_tensor(&self.out, &args)
             }
             Builtin::RebuildParameter | Builtin::RebuildParameterWithState => args
                 .first()
@@ -461,20 +496,22 @@ impl Machine<'_> {
                 }
             }
             Builtin::TorchSize => match args.first() {
-                Some(Value::Tuple(t)) => Ok(Value::Tuple(t.clone())),
+                Some(Value::Tuple(t)) => Ok(Value::Tuple(*t)),
                 Some(Value::List(i)) => {
                     let items = self.out.lists.get(*i).cloned().unwrap_or_default();
-                    Ok(Value::Tuple(items.into()))
+                    self.charge_copy(items.len())?;
+                    Ok(self.new_tuple(items))
                 }
-                None => Ok(Value::Tuple(Rc::from(Vec::new()))),
+                None => Ok(self.new_tuple(Vec::new())),
                 Some(other) => Err(format!("torch.Size of {}", other.kind())),
             },
             Builtin::Set => {
                 let items = match args.first() {
                     Some(Value::List(i)) => self.out.lists.get(*i).cloned().unwrap_or_default(),
-                    Some(Value::Tuple(t)) => t.to_vec(),
+                    Some(Value::Tuple(t)) => self.tuple_items(*t).to_vec(),
                     _ => Vec::new(),
                 };
+                self.charge_copy(items.len())?;
                 Ok(self.new_list(items))
             }
             Builtin::CodecsEncode => match &args[..] {
@@ -501,6 +538,7 @@ impl Machine<'_> {
                 format!("persistent id {}", pid.kind()).into(),
             ));
         };
+        let t = self.tuple_items(t);
         match &t[..] {
             [Value::Str(tag), ty, key, loc, numel] if &**tag == "storage" => {
                 let dtype = match ty {
@@ -669,10 +707,14 @@ impl Machine<'_> {
             }
             0x97 | 0x98 => return Err("out-of-band buffers are not supported".into()),
             // ---- tuples
-            b')' => self.push(Value::Tuple(Rc::from(Vec::new()))),
+            b')' => {
+                let v = self.new_tuple(Vec::new());
+                self.push(v);
+            }
             b't' => {
                 let items = self.pop_mark()?;
-                self.push(Value::Tuple(items.into()));
+                let v = self.new_tuple(items);
+                self.push(v);
             }
             0x85..=0x87 => {
                 let n = (op - 0x84) as usize;
@@ -681,7 +723,8 @@ impl Machine<'_> {
                     items.push(self.pop()?);
                 }
                 items.reverse();
-                self.push(Value::Tuple(items.into()));
+                let v = self.new_tuple(items);
+                self.push(v);
             }
             // ---- lists and sets
             b']' | 0x8f => {
@@ -807,13 +850,15 @@ impl Machine<'_> {
                 let name = self.line()?.to_string();
                 self.pop_mark()?;
                 let cls = resolve_global(&module, &name);
-                let v = self.new_obj(cls, Value::Tuple(Rc::from(Vec::new())))?;
+                let args = self.new_tuple(Vec::new());
+                let v = self.new_obj(cls, args)?;
                 self.push(v);
             }
             b'o' => {
                 let mut items = self.pop_mark()?.into_iter();
                 let cls = items.next().ok_or("OBJ without a class")?;
-                let v = self.new_obj(cls, Value::Tuple(items.collect::<Vec<_>>().into()))?;
+                let args = self.new_tuple(items.collect());
+                let v = self.new_obj(cls, args)?;
                 self.push(v);
             }
             b'b' => {
@@ -884,15 +929,15 @@ fn as_u64(v: &Value, what: &str) -> R<u64> {
     }
 }
 
-fn as_dims(v: &Value, what: &str) -> R<Vec<u64>> {
+fn as_dims(u: &Unpickled, v: &Value, what: &str) -> R<Vec<u64>> {
     match v {
-        Value::Tuple(t) => t.iter().map(|d| as_u64(d, what)).collect(),
+        Value::Tuple(_) => u.tuple(v).iter().map(|d| as_u64(d, what)).collect(),
         other => Err(format!("tensor {what} is {}, not a tuple", other.kind())),
     }
 }
 
 /// `_rebuild_tensor[_v2|_v3](storage, storage_offset, size, stride, ...)`.
-fn rebuild_tensor(args: &[Value]) -> R<Value> {
+fn rebuild_tensor(u: &Unpickled, args: &[Value]) -> R<Value> {
     let [storage, offset, size, stride, ..] = args else {
         return Err(format!("_rebuild_tensor with {} arguments", args.len()));
     };
@@ -902,8 +947,8 @@ fn rebuild_tensor(args: &[Value]) -> R<Value> {
         other => return Err(format!("tensor storage is {}", other.kind())),
     };
     let offset = as_u64(offset, "storage offset")?;
-    let size = as_dims(size, "size")?;
-    let stride = as_dims(stride, "stride")?;
+    let size = as_dims(u, size, "size")?;
+    let stride = as_dims(u, stride, "stride")?;
     if size.len() != stride.len() {
         return Err(format!(
             "tensor size has {} dims but stride has {}",
@@ -943,7 +988,8 @@ mod tests {
             panic!()
         };
         assert_eq!(u.lists[*l].len(), 3);
-        assert!(matches!(u.get(&top, "c"), Some(Value::Tuple(t)) if t.len() == 2));
+        let c = u.get(&top, "c").unwrap();
+        assert!(matches!(c, Value::Tuple(_)) && u.tuple(c).len() == 2);
     }
 
     #[test]
@@ -999,5 +1045,28 @@ mod tests {
             }
             let _ = unpickle(&p);
         }
+    }
+
+    #[test]
+    fn deeply_nested_tuples_do_not_overflow() {
+        let mut p = b"\x80\x02)".to_vec();
+        p.extend(std::iter::repeat_n(0x85u8, 1_000_000));
+        p.push(b'.');
+        let u = unpickle(&p).unwrap();
+        drop(u);
+    }
+
+    #[test]
+    fn emulated_copies_are_bounded() {
+        // set(t) over a 100k-element tuple t, repeated 100k times: ~10^10 copies unbounded.
+        let mut p = b"\x80\x02c__builtin__\nset\nq\x00(".to_vec();
+        p.extend(std::iter::repeat_n([b'K', 0], 100_000).flatten());
+        p.extend_from_slice(b"tq\x010");
+        for _ in 0..100_000 {
+            p.extend_from_slice(b"h\x00h\x01\x85R0");
+        }
+        p.extend_from_slice(b"N.");
+        let e = unpickle(&p).unwrap_err();
+        assert!(e.msg.contains("copied"), "{e}");
     }
 }

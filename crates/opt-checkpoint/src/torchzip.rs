@@ -33,7 +33,7 @@
 //! chosen dict, tensors are kept under their (string) keys, plain non-tensor values (ints,
 //! strings, None, nested containers) are skipped, and a placeholder value — something only code
 //! execution could have built — is refused with
-//! [`CheckpointError::Unsafe`](crate::CheckpointError::Unsafe).
+//! [`CheckpointError::Unsafe`].
 
 use std::collections::HashMap;
 use std::io::{Cursor, Read};
@@ -45,9 +45,9 @@ use crate::{corrupt, io_err, map_file, CheckpointError, Data, Entry, Loaded, Loa
 
 /// Largest `data.pkl` accepted (state dict pickles are a few MB even for huge models).
 const MAX_PICKLE: u64 = 1 << 30;
-/// Largest strided view that may be bigger than its storage (only stride-0 "expanded" views
-/// can be), to keep a tiny file from requesting a huge buffer.
-const MAX_EXPANDED: u64 = 1 << 30;
+/// Budget for copies of non-contiguous views, beyond 4× the file size: keeps a small file
+/// full of overlapping (e.g. stride-0 "expanded") views from requesting huge buffers.
+const COPY_ALLOWANCE: u64 = 1 << 30;
 
 /// True when the file starts with a zip local-file header (or is an empty zip).
 pub(crate) fn looks_like_zip(path: &Path) -> Result<bool> {
@@ -136,6 +136,9 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
         let wanted = select_state_dict(path, &unpickled)?;
 
         let mut storages: HashMap<String, StorageLoc> = HashMap::new();
+        let mut copy_budget = (bytes.len() as u64)
+            .saturating_mul(4)
+            .saturating_add(COPY_ALLOWANCE);
         let mut tensors = Vec::with_capacity(wanted.len());
         for (name, desc) in wanted {
             let key = &desc.storage.key;
@@ -155,13 +158,14 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
                     l
                 }
             };
-            let entry = materialise(bytes, &bufs, loc, &desc).map_err(|detail| {
-                CheckpointError::Tensor {
-                    path: path.to_path_buf(),
-                    name: name.clone(),
-                    detail,
-                }
-            })?;
+            let entry =
+                materialise(bytes, &bufs, loc, &desc, &mut copy_budget).map_err(|detail| {
+                    CheckpointError::Tensor {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        detail,
+                    }
+                })?;
             tensors.push((name, entry));
         }
         tensors
@@ -261,6 +265,7 @@ fn materialise(
     bufs: &[Vec<u8>],
     loc: StorageLoc,
     desc: &TensorDesc,
+    copy_budget: &mut u64,
 ) -> std::result::Result<Entry, String> {
     let dtype = desc.storage.dtype;
     let esz = (dtype.size_in_bits() / 8) as u64;
@@ -340,11 +345,12 @@ fn materialise(
             data,
         });
     }
-    if nbytes > storage_bytes && nbytes > MAX_EXPANDED {
+    if nbytes > *copy_budget {
         return Err(format!(
-            "expanded view of {nbytes} bytes over a {storage_bytes}-byte storage is too large"
+            "non-contiguous view of {nbytes} bytes (over a {storage_bytes}-byte storage) exceeds what this file may make us copy"
         ));
     }
+    *copy_budget -= nbytes;
     let out = gather(src, esz, desc.offset as usize, &shape, &desc.stride)?;
     Ok(Entry {
         dtype,
@@ -491,6 +497,74 @@ mod tests {
         assert!(is_contiguous(&[], &[]));
         assert!(!is_contiguous(&[2, 3], &[1, 2]));
         assert!(!is_contiguous(&[2, 3], &[6, 1]));
+    }
+
+    #[test]
+    fn random_views_never_panic() {
+        use crate::pickle::StorageRef;
+        use crate::FileDType;
+        let mut s = 0x1234_5678_9abc_def1u64;
+        let mut next = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s
+        };
+        let storage: Vec<u8> = (0..64).collect();
+        let interesting = [
+            0u64,
+            1,
+            2,
+            3,
+            7,
+            16,
+            63,
+            64,
+            u32::MAX as u64,
+            u64::MAX / 3,
+            u64::MAX,
+        ];
+        for _ in 0..20000 {
+            let mut pick = |small: bool| {
+                let r = next();
+                if small || r % 4 != 0 {
+                    r % 5
+                } else {
+                    interesting[(r >> 8) as usize % interesting.len()]
+                }
+            };
+            let ndim = (pick(true) % 4) as usize;
+            let size: Vec<u64> = (0..ndim).map(|_| pick(false)).collect();
+            let stride: Vec<u64> = (0..ndim).map(|_| pick(false)).collect();
+            let desc = TensorDesc {
+                storage: Rc::new(StorageRef {
+                    dtype: [FileDType::F32, FileDType::BF16, FileDType::U8]
+                        [(pick(true) % 3) as usize],
+                    key: "0".into(),
+                    location: "cpu".into(),
+                    numel: pick(false),
+                }),
+                offset: pick(false),
+                size,
+                stride,
+            };
+            let loc = StorageLoc::Map {
+                start: 0,
+                len: storage.len(),
+            };
+            if let Ok(e) = materialise(&storage, &[], loc, &desc, &mut (1 << 20)) {
+                let n: usize = e.shape.iter().product();
+                let len = match e.data {
+                    Data::Map { start, len } => {
+                        assert!(start + len <= storage.len());
+                        len
+                    }
+                    Data::Owned(v) => v.len(),
+                    Data::Buf { .. } => unreachable!(),
+                };
+                assert_eq!(len, n * desc.storage.dtype.size_in_bits() / 8);
+            }
+        }
     }
 
     #[test]
