@@ -52,14 +52,18 @@ impl OptConfig {
     /// Parse HF `config.json` text. Shape fields are required; the others default as HF's
     /// `OPTConfig` does. `origin` names the file in error messages.
     pub fn from_json_str(text: &str, origin: &str) -> Result<Self> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config { origin: origin.into(), field: "(json)".into(), detail: e.to_string() })?;
+        let v: Value = serde_json::from_str(text).map_err(|e| ModelError::Config {
+            origin: origin.into(),
+            field: "(json)".into(),
+            detail: e.to_string(),
+        })?;
         let obj = v.as_object().ok_or_else(|| ModelError::Config {
             origin: origin.into(),
             field: "(root)".into(),
             detail: "expected a JSON object".into(),
         })?;
-        let err = |field: &str, detail: String| ModelError::Config { origin: origin.into(), field: field.into(), detail };
+        let err =
+            |field: &str, detail: String| ModelError::Config { origin: origin.into(), field: field.into(), detail };
         if let Some(mt) = obj.get("model_type").and_then(Value::as_str) {
             if mt != "opt" {
                 return Err(err("model_type", format!("'{mt}' is not an OPT model (expected \"opt\")")));
@@ -92,7 +96,9 @@ impl OptConfig {
         let opt_f32 = |field: &str, default: f32| -> Result<f32> {
             match obj.get(field) {
                 None | Some(Value::Null) => Ok(default),
-                Some(x) => x.as_f64().map(|f| f as f32).ok_or_else(|| err(field, format!("expected a number, got {x}"))),
+                Some(x) => {
+                    x.as_f64().map(|f| f as f32).ok_or_else(|| err(field, format!("expected a number, got {x}")))
+                }
             }
         };
         let opt_id = |field: &str, default: u32| -> Result<u32> {
@@ -103,7 +109,9 @@ impl OptConfig {
                     .as_u64()
                     .map(|n| n as u32)
                     .ok_or_else(|| err(field, format!("expected a token id, got {}", a[0]))),
-                Some(x) => x.as_u64().map(|n| n as u32).ok_or_else(|| err(field, format!("expected a token id, got {x}"))),
+                Some(x) => {
+                    x.as_u64().map(|n| n as u32).ok_or_else(|| err(field, format!("expected a token id, got {x}")))
+                }
             }
         };
         let hidden_size = req_usize("hidden_size")?;
@@ -146,7 +154,9 @@ impl OptConfig {
 
     /// Check the invariants the kernels rely on; errors name the field.
     pub fn validate(&self, origin: &str) -> Result<()> {
-        let err = |field: &str, detail: String| Err(ModelError::Config { origin: origin.into(), field: field.into(), detail });
+        let err = |field: &str, detail: String| {
+            Err(ModelError::Config { origin: origin.into(), field: field.into(), detail })
+        };
         for (name, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -177,7 +187,11 @@ impl OptConfig {
                 return err(name, format!("{p} is outside [0, 1)"));
             }
         }
-        for (name, id) in [("pad_token_id", self.pad_token_id), ("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)] {
+        for (name, id) in [
+            ("pad_token_id", self.pad_token_id),
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ] {
             if id as usize >= self.vocab_size {
                 return err(name, format!("{id} is not below vocab_size {}", self.vocab_size));
             }
@@ -365,8 +379,15 @@ mod tests {
     #[test]
     fn presets_match_the_paper() {
         let expect = [
-            ("125m", 125), ("350m", 331), ("1.3b", 1316), ("2.7b", 2652), ("6.7b", 6658),
-            ("13b", 12853), ("30b", 29975), ("66b", 65702), ("175b", 174594),
+            ("125m", 125),
+            ("350m", 331),
+            ("1.3b", 1316),
+            ("2.7b", 2652),
+            ("6.7b", 6658),
+            ("13b", 12853),
+            ("30b", 29975),
+            ("66b", 65702),
+            ("175b", 174594),
         ];
         for (name, millions) in expect {
             let c = OptConfig::preset(name).expect("preset");

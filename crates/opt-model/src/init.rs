@@ -19,7 +19,8 @@ pub fn metaseq_init(cfg: &OptConfig, layout: &ParamLayout, params: &mut [f32], s
         } else if name.ends_with(".bias") {
             dst.fill(0.0);
         } else {
-            let s = if name.ends_with("out_proj.weight") || name.ends_with("fc2.weight") { std * resid_scale } else { std };
+            let s =
+                if name.ends_with("out_proj.weight") || name.ends_with("fc2.weight") { std * resid_scale } else { std };
             let stream = rng::derive(seed, i as u64);
             for (j, x) in dst.iter_mut().enumerate() {
                 *x = rng::normal(stream, j as u64) * s;

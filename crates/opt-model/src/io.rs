@@ -85,7 +85,8 @@ impl<B: Backend> OptModel<B> {
         for spec in &self.layout.specs {
             let vals = &host[spec.offset..spec.offset + spec.numel()];
             let bytes = encode(vals, dtype);
-            let name = if spec.name.starts_with("lm_head") { spec.name.clone() } else { format!("model.{}", spec.name) };
+            let name =
+                if spec.name.starts_with("lm_head") { spec.name.clone() } else { format!("model.{}", spec.name) };
             blobs.push((name, spec.shape.clone(), bytes));
         }
         let tensors: Vec<TensorWrite<'_>> = blobs

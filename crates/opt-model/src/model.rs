@@ -489,7 +489,9 @@ impl<B: Backend> OptModel<B> {
             be.copy(xf.at_mut(0, n * c), x)?;
         }
         match self.layout.project_out {
-            Some(po) => be.matmul(xp.at_mut(0, n * dp), xf.at(0, n * c), self.p(po, dp * c), &Gemm::new(n, dp, c, false, true))?,
+            Some(po) => {
+                be.matmul(xp.at_mut(0, n * dp), xf.at(0, n * c), self.p(po, dp * c), &Gemm::new(n, dp, c, false, true))?
+            }
             None => be.copy(xp.at_mut(0, n * dp), xf.at(0, n * c))?,
         }
         Ok(())
@@ -521,7 +523,10 @@ impl<B: Backend> OptModel<B> {
                 return Err(ModelError::Input(format!("KV cache holds {} rows, batch has {batch}", c.batch)));
             }
             if total > c.capacity {
-                return Err(ModelError::Input(format!("KV cache capacity {} exceeded ({total} positions)", c.capacity)));
+                return Err(ModelError::Input(format!(
+                    "KV cache capacity {} exceeded ({total} positions)",
+                    c.capacity
+                )));
             }
         }
         let ones;
@@ -579,7 +584,14 @@ impl<B: Backend> OptModel<B> {
             LogitsMode::All => acts.x_in.at(0, n * c),
             LogitsMode::Last => {
                 // Gather row (b, T-1) of every sequence.
-                be.copy_2d(x_next.at_mut(0, batch * c), c, acts.x_in.at((t - 1) * c, n * c - (t - 1) * c), t * c, batch, c)?;
+                be.copy_2d(
+                    x_next.at_mut(0, batch * c),
+                    c,
+                    acts.x_in.at((t - 1) * c, n * c - (t - 1) * c),
+                    t * c,
+                    batch,
+                    c,
+                )?;
                 x_next.at(0, batch * c)
             }
         };
@@ -666,7 +678,12 @@ impl<B: Backend> OptModel<B> {
         while r0 < n {
             let rows = LOSS_CHUNK.min(n - r0);
             let xp = st.xp.at(r0 * dp, rows * dp);
-            be.matmul(st.logits.at_mut(0, rows * v), xp, self.p(head_off, v * dp), &Gemm::new(rows, v, dp, false, true))?;
+            be.matmul(
+                st.logits.at_mut(0, rows * v),
+                xp,
+                self.p(head_off, v * dp),
+                &Gemm::new(rows, v, dp, false, true),
+            )?;
             be.cross_entropy(
                 st.logits.at_mut(0, rows * v),
                 st.losses.at_mut(0, rows),
@@ -695,8 +712,18 @@ impl<B: Backend> OptModel<B> {
         // st.dx <- d(last layer output)
         let dxf = match lay.project_out {
             Some(po) => {
-                be.matmul(grads.at_mut(po, dp * c), st.dxp.at(0, n * dp), st.xf.at(0, nc), &Gemm::new(dp, c, n, true, false).accumulate())?;
-                be.matmul(st.da.at_mut(0, nc), st.dxp.at(0, n * dp), self.p(po, dp * c), &Gemm::new(n, c, dp, false, false))?;
+                be.matmul(
+                    grads.at_mut(po, dp * c),
+                    st.dxp.at(0, n * dp),
+                    st.xf.at(0, nc),
+                    &Gemm::new(dp, c, n, true, false).accumulate(),
+                )?;
+                be.matmul(
+                    st.da.at_mut(0, nc),
+                    st.dxp.at(0, n * dp),
+                    self.p(po, dp * c),
+                    &Gemm::new(n, c, dp, false, false),
+                )?;
                 st.da.at(0, nc)
             }
             None => st.dxp.at(0, nc),
@@ -731,8 +758,18 @@ impl<B: Backend> OptModel<B> {
         be.embedding_backward(grads.at_mut(lay.wpe, cfg.position_rows() * c), &pos, st.dx.at(0, nc), c)?;
         match lay.project_in {
             Some(pi) => {
-                be.matmul(grads.at_mut(pi, c * dp), st.dx.at(0, nc), st.emb.at(0, n * dp), &Gemm::new(c, dp, n, true, false).accumulate())?;
-                be.matmul(st.demb.at_mut(0, n * dp), st.dx.at(0, nc), self.p(pi, c * dp), &Gemm::new(n, dp, c, false, false))?;
+                be.matmul(
+                    grads.at_mut(pi, c * dp),
+                    st.dx.at(0, nc),
+                    st.emb.at(0, n * dp),
+                    &Gemm::new(c, dp, n, true, false).accumulate(),
+                )?;
+                be.matmul(
+                    st.demb.at_mut(0, n * dp),
+                    st.dx.at(0, nc),
+                    self.p(pi, c * dp),
+                    &Gemm::new(n, dp, c, false, false),
+                )?;
             }
             None => be.copy(st.demb.at_mut(0, n * dp), st.dx.at(0, nc))?,
         }
@@ -764,7 +801,12 @@ impl<B: Backend> OptModel<B> {
         out_dim: usize,
     ) -> Result<()> {
         let be = &self.backend;
-        be.matmul(grads.at_mut(w, out_dim * in_dim), dy, x, &Gemm::new(out_dim, in_dim, rows, true, false).accumulate())?;
+        be.matmul(
+            grads.at_mut(w, out_dim * in_dim),
+            dy,
+            x,
+            &Gemm::new(out_dim, in_dim, rows, true, false).accumulate(),
+        )?;
         if let Some(b) = b {
             be.bias_backward(grads.at_mut(b, out_dim), dy, out_dim)?;
         }
@@ -827,7 +869,18 @@ impl<B: Backend> OptModel<B> {
         if let Some(d) = drop.and_then(|d| d.site(li, 1, d.p)) {
             be.dropout(st.dc.at_mut(0, nc), &d)?;
         }
-        self.linear_backward(grads, st.df1.at_mut(0, nf), false, st.dc.at(0, nc), acts.fc1_act.at(0, nf), l.fc2_w, l.fc2_b, n, f, c)?;
+        self.linear_backward(
+            grads,
+            st.df1.at_mut(0, nf),
+            false,
+            st.dc.at(0, nc),
+            acts.fc1_act.at(0, nf),
+            l.fc2_w,
+            l.fc2_b,
+            n,
+            f,
+            c,
+        )?;
         be.activation_backward(act, st.df2.at_mut(0, nf), acts.fc1_pre.at(0, nf), st.df1.at(0, nf))?;
         let f_in = if pre { acts.ln2_out.at(0, nc) } else { acts.ln1_out.at(0, nc) };
         self.linear_backward(grads, st.da.at_mut(0, nc), false, st.df2.at(0, nf), f_in, l.fc1_w, l.fc1_b, n, c, f)?;
@@ -876,7 +929,18 @@ impl<B: Backend> OptModel<B> {
         if let Some(d) = drop.and_then(|d| d.site(li, 0, d.p)) {
             be.dropout(st.dc.at_mut(0, nc), &d)?;
         }
-        self.linear_backward(grads, st.db.at_mut(0, nc), false, st.dc.at(0, nc), acts.attn_y.at(0, nc), l.o_w, l.o_b, n, c, c)?;
+        self.linear_backward(
+            grads,
+            st.db.at_mut(0, nc),
+            false,
+            st.dc.at(0, nc),
+            acts.attn_y.at(0, nc),
+            l.o_w,
+            l.o_b,
+            n,
+            c,
+            c,
+        )?;
         let dims = AttnDims {
             batch,
             tq: t,

@@ -62,7 +62,12 @@ fn missing_tensor_is_named() {
         .iter()
         .map(|n| {
             let t = ck.tensor(n).expect("tensor");
-            opt_checkpoint::TensorWrite { name: n.to_string(), dtype: DType::F32, shape: t.shape.to_vec(), bytes: t.bytes }
+            opt_checkpoint::TensorWrite {
+                name: n.to_string(),
+                dtype: DType::F32,
+                shape: t.shape.to_vec(),
+                bytes: t.bytes,
+            }
         })
         .collect();
     opt_checkpoint::save_safetensors(&dir.path().join("model.safetensors"), &tensors).expect("save");

@@ -57,7 +57,13 @@ fn bf16_weights_match_hf_within_bf16_tolerance() {
 }
 
 /// Greedy decoding with the KV cache: prefill the prompt, then one token at a time.
-fn greedy_cached(model: &OptModel<CpuBackend>, prompt: &[u32], mask: &[u8], batch: usize, steps: usize) -> Vec<Vec<u32>> {
+fn greedy_cached(
+    model: &OptModel<CpuBackend>,
+    prompt: &[u32],
+    mask: &[u8],
+    batch: usize,
+    steps: usize,
+) -> Vec<Vec<u32>> {
     let t0 = prompt.len() / batch;
     let v = model.cfg.vocab_size;
     let mut cache = KvCache::new(&model.backend, &model.cfg, batch, t0 + steps).expect("cache");
@@ -134,7 +140,10 @@ fn kv_cache_decoding_equals_full_recomputation() {
             }
             let end = (pos + chunk).min(t);
             let ones = vec![1u8; end];
-            let got = model.forward(&ids[pos..end], 1, Some(&ones), Some(&mut cache), LogitsMode::All).expect("step").to_f32_vec();
+            let got = model
+                .forward(&ids[pos..end], 1, Some(&ones), Some(&mut cache), LogitsMode::All)
+                .expect("step")
+                .to_f32_vec();
             let d = max_abs_diff_rows(&got, &full[pos * v..end * v], v, |_| true);
             assert!(d <= 1e-5, "{m}: positions {pos}..{end}: max |Δ| = {d:e}");
             pos = end;
@@ -163,7 +172,8 @@ fn loss_and_every_gradient_match_hf() {
         let g = grads.to_f32_vec();
         let mut checked = 0;
         for spec in &model.layout.specs {
-            let hf_name = if spec.name.starts_with("lm_head") { spec.name.clone() } else { format!("model.{}", spec.name) };
+            let hf_name =
+                if spec.name.starts_with("lm_head") { spec.name.clone() } else { format!("model.{}", spec.name) };
             let key = format!("grad.{hf_name}");
             assert!(r.has(&key), "{m}: reference lacks {key}");
             let theirs = r.f32(&key);

@@ -74,8 +74,8 @@ fn tokenize(a: TokenizeArgs) -> Result<()> {
         if line.trim().is_empty() {
             continue;
         }
-        let text: String = serde_json::from_str(&line)
-            .with_context(|| format!("stdin line {}: expected a JSON string", i + 1))?;
+        let text: String =
+            serde_json::from_str(&line).with_context(|| format!("stdin line {}: expected a JSON string", i + 1))?;
         let ids = tok.encode(&text, !a.no_bos)?;
         writeln!(out, "{}", serde_json::to_string(&ids)?)?;
     }
