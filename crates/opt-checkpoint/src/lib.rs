@@ -568,6 +568,25 @@ impl Checkpoint {
         })
     }
 
+    /// Drops the pages of this checkpoint's memory-mapped files from the process's resident
+    /// set (`MADV_DONTNEED`); a later read faults them back in from the file.
+    ///
+    /// Reading every tensor of a memory-mapped checkpoint leaves all of its pages resident and
+    /// counted in the process's RSS, even though the kernel may reclaim them. A caller that
+    /// streams a checkpoint larger than RAM tensor by tensor (a format converter) calls this
+    /// after each tensor so that its footprint stays at what it is working on. Decompressed and
+    /// copied tensors live on the heap and are not affected. No-op where `madvise` is missing.
+    pub fn release_pages(&self) {
+        #[cfg(unix)]
+        for f in &self.files {
+            // SAFETY: the maps are read-only views of files that are not modified while open
+            // (the assumption `map_file` already rests on). For such a mapping, MADV_DONTNEED
+            // only unmaps the pages: the next access reads the same bytes back from the file,
+            // so slices borrowed from the map keep seeing identical contents.
+            let _ = unsafe { f.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        }
+    }
+
     /// A short description of where the weights came from (for messages), e.g. the folder path.
     pub fn describe(&self) -> String {
         let n = self.files.len();

@@ -95,44 +95,7 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
         let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
             .map_err(|e| corrupt(path, format!("bad zip archive: {e}")))?;
 
-        // Find <prefix>data.pkl: prefer exactly one folder level ("archive/data.pkl").
-        let names: Vec<String> = (0..zip.len())
-            .filter_map(|i| {
-                zip.name_for_index(i)
-                    .and_then(|r| r.ok())
-                    .map(|n| n.into_owned())
-            })
-            .collect();
-        let pkl = names
-            .iter()
-            .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
-            .or_else(|| {
-                names
-                    .iter()
-                    .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
-            })
-            .ok_or_else(|| corrupt(path, "zip archive has no data.pkl (not a torch.save file?)"))?
-            .clone();
-        let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
-
-        let byteorder_name = format!("{prefix}byteorder");
-        if names.contains(&byteorder_name) {
-            let b = read_entry(&mut zip, &byteorder_name, 64).map_err(|e| corrupt(path, e))?;
-            let order = String::from_utf8_lossy(&b);
-            if order.trim() != "little" {
-                return Err(corrupt(
-                    path,
-                    format!(
-                        "byteorder is {:?}; only little-endian checkpoints are supported",
-                        order.trim()
-                    ),
-                ));
-            }
-        }
-
-        let pkl_bytes = read_entry(&mut zip, &pkl, MAX_PICKLE).map_err(|e| corrupt(path, e))?;
-        let unpickled =
-            pickle::unpickle(&pkl_bytes).map_err(|e| corrupt(path, format!("{pkl}: {e}")))?;
+        let (prefix, unpickled) = unpickle_data_pkl(path, &mut zip)?;
         let wanted = select_state_dict(path, &unpickled)?;
 
         let mut storages: HashMap<String, StorageLoc> = HashMap::new();
@@ -178,6 +141,74 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
         },
         tensors,
     })
+}
+
+/// Reads and unpickles `data.pkl` of a PyTorch zip checkpoint without touching its storages.
+///
+/// This is the whole pickled object — for callers that need the values stored beside the
+/// state dict, such as metaseq's FSDP `shard_metadata` — interpreted by the same restricted
+/// unpickler as [`Checkpoint::open`](crate::Checkpoint::open): nothing is imported or called,
+/// and every global outside the allow-list is an inert [`Value::Opaque`] placeholder. Tensors
+/// appear as [`Value::Tensor`] descriptions; their bytes are not read (open the file as a
+/// [`Checkpoint`](crate::Checkpoint) for those).
+pub fn read_pickle(path: &Path) -> Result<Unpickled> {
+    let map = map_file(path)?;
+    if !map.starts_with(b"PK") {
+        return Err(corrupt(
+            path,
+            "not a zip archive (PyTorch's legacy pre-1.6 format is not supported)",
+        ));
+    }
+    let bytes: &[u8] = &map;
+    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
+        .map_err(|e| corrupt(path, format!("bad zip archive: {e}")))?;
+    Ok(unpickle_data_pkl(path, &mut zip)?.1)
+}
+
+/// Finds `<prefix>data.pkl` (preferring exactly one folder level, `archive/data.pkl`), checks
+/// the byte order, and unpickles it. Returns the entry prefix (`archive/`) and the object.
+fn unpickle_data_pkl(
+    path: &Path,
+    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
+) -> Result<(String, Unpickled)> {
+    let names: Vec<String> = (0..zip.len())
+        .filter_map(|i| {
+            zip.name_for_index(i)
+                .and_then(|r| r.ok())
+                .map(|n| n.into_owned())
+        })
+        .collect();
+    let pkl = names
+        .iter()
+        .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
+        .or_else(|| {
+            names
+                .iter()
+                .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
+        })
+        .ok_or_else(|| corrupt(path, "zip archive has no data.pkl (not a torch.save file?)"))?
+        .clone();
+    let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
+
+    let byteorder_name = format!("{prefix}byteorder");
+    if names.contains(&byteorder_name) {
+        let b = read_entry(zip, &byteorder_name, 64).map_err(|e| corrupt(path, e))?;
+        let order = String::from_utf8_lossy(&b);
+        if order.trim() != "little" {
+            return Err(corrupt(
+                path,
+                format!(
+                    "byteorder is {:?}; only little-endian checkpoints are supported",
+                    order.trim()
+                ),
+            ));
+        }
+    }
+
+    let pkl_bytes = read_entry(zip, &pkl, MAX_PICKLE).map_err(|e| corrupt(path, e))?;
+    let unpickled =
+        pickle::unpickle(&pkl_bytes).map_err(|e| corrupt(path, format!("{pkl}: {e}")))?;
+    Ok((prefix, unpickled))
 }
 
 /// Reads a whole (small) entry, refusing more than `limit` bytes.

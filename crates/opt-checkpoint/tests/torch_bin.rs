@@ -184,6 +184,30 @@ fn metaseq_style_model_key() {
 }
 
 #[test]
+fn whole_pickle_and_page_release() {
+    // read_pickle: everything beside the state dict (metaseq keeps shard_metadata there), as
+    // data; tensors only described.
+    let path = data_dir().join("metaseq_like.pt");
+    let u = opt_checkpoint::torchzip::read_pickle(&path).unwrap();
+    let top = u.top();
+    let model = u.get(top, "model").unwrap();
+    assert!(matches!(
+        u.get(model, "w"),
+        Some(opt_checkpoint::pickle::Value::Tensor(_))
+    ));
+    assert!(u.get(top, "cfg").is_some());
+    let e = opt_checkpoint::torchzip::read_pickle(&data_dir().join("no-such.pt")).unwrap_err();
+    assert!(e.to_string().contains("no-such.pt"), "{e}");
+
+    // release_pages drops the mapped pages; reading again faults in the same bytes.
+    let ck = Checkpoint::open(&path).unwrap();
+    let before = ck.tensor("wt").unwrap().to_f32_vec().unwrap();
+    ck.release_pages();
+    assert_eq!(ck.tensor("wt").unwrap().to_f32_vec().unwrap(), before);
+    assert_eq!(ck.tensor("w").unwrap().numel(), 6);
+}
+
+#[test]
 fn model_key_with_unsafe_extras_is_fine() {
     // Placeholders elsewhere in the file (e.g. an argparse.Namespace under "args") are never
     // needed and never called.
