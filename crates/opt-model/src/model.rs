@@ -58,6 +58,16 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// Where a layer's attention finds its keys/values.
+enum LayerKv<'a, B: Backend> {
+    /// This call's own keys/values (no cache).
+    None,
+    /// One cache for the whole batch, every row filled to `past`.
+    Shared { k: &'a mut B::Buf, v: &'a mut B::Buf, past: usize, cap: usize },
+    /// One cache per row `(k, v, past, capacity)` (continuous batching, one token per row).
+    PerRow(Vec<(&'a mut B::Buf, &'a mut B::Buf, usize, usize)>),
+}
+
 /// Activations of one decoder layer. In training one of these is kept per layer for the
 /// backward pass; at inference a single one is reused as scratch for every layer.
 ///
@@ -321,7 +331,7 @@ impl<B: Backend> OptModel<B> {
         batch: usize,
         t: usize,
         key_mask: Option<&[u8]>,
-        cache: Option<(&mut B::Buf, &mut B::Buf, usize, usize)>,
+        cache: LayerKv<'_, B>,
         keep_probs: bool,
         drop: Option<&DropoutCfg>,
     ) -> Result<()> {
@@ -366,7 +376,7 @@ impl<B: Backend> OptModel<B> {
         };
         let probs = if keep_probs { Some(acts.probs.vm()) } else { None };
         match cache {
-            Some((kc, vc, past, cap)) => {
+            LayerKv::Shared { k: kc, v: vc, past, cap } => {
                 // Append this call's keys/values to the cache rows [past, past + t).
                 for b in 0..batch {
                     let dst = (b * cap + past) * c;
@@ -388,7 +398,26 @@ impl<B: Backend> OptModel<B> {
                     attn_drop.as_ref(),
                 )?;
             }
-            None => {
+            LayerKv::PerRow(rows) => {
+                // Continuous batching: row b is one new token of its own sequence, with its own
+                // cache and length. Projections above ran batched; attention runs per row.
+                for (b, (kc, vc, past, cap)) in rows.into_iter().enumerate() {
+                    be.copy(kc.at_mut(past * c, c), acts.k.at(b * c, c))?;
+                    be.copy(vc.at_mut(past * c, c), acts.v.at(b * c, c))?;
+                    let d = AttnDims { batch: 1, tq: 1, tk: past + 1, q_offset: past, kv_batch_stride: cap * c, ..dims };
+                    be.attention_forward(
+                        acts.attn_y.at_mut(b * c, c),
+                        None,
+                        acts.q.at(b * c, c),
+                        kc.at(0, (past + 1) * c),
+                        vc.at(0, (past + 1) * c),
+                        None,
+                        &d,
+                        None,
+                    )?;
+                }
+            }
+            LayerKv::None => {
                 be.attention_forward(
                     acts.attn_y.at_mut(0, nc),
                     probs,
@@ -565,9 +594,9 @@ impl<B: Backend> OptModel<B> {
             let cache_bufs = match cache.as_deref_mut() {
                 Some(kv) => {
                     let cap = kv.capacity;
-                    Some((&mut kv.k[li], &mut kv.v[li], past, cap))
+                    LayerKv::Shared { k: &mut kv.k[li], v: &mut kv.v[li], past, cap }
                 }
-                None => None,
+                None => LayerKv::None,
             };
             self.layer_forward(li, &mut acts, x_next.vm(), batch, t, Some(mask), cache_bufs, false, None)?;
             std::mem::swap(&mut acts.x_in, &mut x_next);
@@ -603,6 +632,67 @@ impl<B: Backend> OptModel<B> {
         let mut logits = be.zeros(DType::F32, rows * v)?;
         let head = self.p(self.layout.lm_head_or_wte(), v * dp);
         be.matmul(logits.vm(), xp.v(), head, &Gemm::new(rows, v, dp, false, true))?;
+        Ok(logits)
+    }
+
+    /// One decode step for several independent sequences (continuous batching): row `i` is the
+    /// next token of the sequence whose cache is `caches[i]` (each a batch-1 cache, prefilled
+    /// without padding). Rows may have different lengths; each cache advances by one.
+    /// Returns logits `[n, V]`. Projections and the MLP run as one batched GEMM; attention runs
+    /// per row over that row's cache, so a row's result does not depend on its neighbours'
+    /// lengths.
+    pub fn forward_step(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<B::Buf> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let n = tokens.len();
+        if n == 0 || n != caches.len() {
+            return Err(ModelError::Input(format!("{n} tokens for {} sequences", caches.len())));
+        }
+        let mut pos = Vec::with_capacity(n);
+        for c in caches.iter() {
+            if c.batch != 1 {
+                return Err(ModelError::Input("forward_step needs one single-row cache per sequence".into()));
+            }
+            if c.len >= c.capacity {
+                return Err(ModelError::Input(format!("KV cache capacity {} exceeded", c.capacity)));
+            }
+            if c.len + POSITION_OFFSET >= cfg.position_rows() {
+                return Err(ModelError::Input(format!(
+                    "sequence of {} positions exceeds max_position_embeddings {}",
+                    c.len + 1,
+                    cfg.max_position_embeddings
+                )));
+            }
+            pos.push((c.len + POSITION_OFFSET) as u32);
+        }
+        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let mut acts = LayerActs::new(be, cfg, n, 1, false)?;
+        let mut x_next = be.zeros(DType::F32, n * c)?;
+        let mut emb = be.zeros(DType::F32, if cfg.has_projection() { n * dp } else { 0 })?;
+        self.embed(&mut acts.x_in, &mut emb, tokens, &pos)?;
+        for li in 0..cfg.num_hidden_layers {
+            let rows: Vec<_> = caches
+                .iter_mut()
+                .map(|kv| {
+                    let (past, cap) = (kv.len, kv.capacity);
+                    let KvCache { k, v, .. } = &mut **kv;
+                    (&mut k[li], &mut v[li], past, cap)
+                })
+                .collect();
+            self.layer_forward(li, &mut acts, x_next.vm(), n, 1, None, LayerKv::PerRow(rows), false, None)?;
+            std::mem::swap(&mut acts.x_in, &mut x_next);
+        }
+        for kv in caches.iter_mut() {
+            kv.len += 1;
+        }
+        let mut xf = be.zeros(DType::F32, n * c)?;
+        let mut mean = be.zeros(DType::F32, n)?;
+        let mut rstd = be.zeros(DType::F32, n)?;
+        let mut xp = be.zeros(DType::F32, n * dp)?;
+        self.head_input(acts.x_in.at(0, n * c), &mut xf, &mut mean, &mut rstd, &mut xp, n)?;
+        let mut logits = be.zeros(DType::F32, n * v)?;
+        let head = self.p(self.layout.lm_head_or_wte(), v * dp);
+        be.matmul(logits.vm(), xp.v(), head, &Gemm::new(n, v, dp, false, true))?;
         Ok(logits)
     }
 
@@ -665,7 +755,7 @@ impl<B: Backend> OptModel<B> {
                 Some(next) => next.x_in.vm(),
                 None => st.x_last.vm(),
             };
-            self.layer_forward(li, acts, out, bsz, t, Some(batch.mask), None, true, drop)?;
+            self.layer_forward(li, acts, out, bsz, t, Some(batch.mask), LayerKv::None, true, drop)?;
         }
         self.head_input(st.x_last.at(0, nc), &mut st.xf, &mut st.lnf_mean, &mut st.lnf_rstd, &mut st.xp, n)?;
 

@@ -37,11 +37,11 @@ fn bench(name: &str, m: usize, n: usize, k: usize, trans_b: bool, b_dtype: DType
 
 fn main() {
     println!("rayon threads: {}", rayon::current_num_threads());
-    bench("128x768 . 768x3072 (fc1, b row-major)", 128, 3072, 768, false, DType::F32, 30);
-    bench("128x768 . (3072x768)^T (fc1, trans_b)", 128, 3072, 768, true, DType::F32, 30);
-    bench("128x3072 . (768x3072)^T (fc2, trans_b)", 128, 768, 3072, true, DType::F32, 30);
-    bench("128x768 . (768x768)^T (attn proj)", 128, 768, 768, true, DType::F32, 30);
-    bench("128x768 . (50272x768)^T (lm_head)", 128, 50272, 768, true, DType::F32, 10);
-    bench("128x768 . (50272x768)^T bf16 weights", 128, 50272, 768, true, DType::BF16, 10);
+    bench("128x768 . 768x3072 (fc1, b row-major)", 128, 3072, 768, false, DType::F32, 60);
+    bench("128x768 . (3072x768)^T (fc1, trans_b)", 128, 3072, 768, true, DType::F32, 60);
+    bench("128x3072 . (768x3072)^T (fc2, trans_b)", 128, 768, 3072, true, DType::F32, 60);
+    bench("128x768 . (768x768)^T (attn proj)", 128, 768, 768, true, DType::F32, 60);
+    bench("128x768 . (50272x768)^T (lm_head)", 128, 50272, 768, true, DType::F32, 20);
+    bench("128x768 . (50272x768)^T bf16 weights", 128, 50272, 768, true, DType::BF16, 20);
     bench("1x768 . (50272x768)^T (decode lm_head)", 1, 50272, 768, true, DType::F32, 20);
 }

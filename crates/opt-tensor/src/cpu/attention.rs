@@ -13,23 +13,32 @@
 //! `rng::uniform(seed, offset + flat index into [B, NH, Tq, Tk])`; the saved probabilities are
 //! the pre-dropout ones, and the backward pass regenerates the mask.
 //!
+//! The products (`Q Kᵀ`, `P V` and the four backward ones) are strided single-threaded `gemm`
+//! calls directly on a head's columns of the `[B, T, C]` activations (no head-split copies).
 //! Work is split over (batch, head) pairs. Each pair writes a private `[T, HS]` slab of a
-//! scratch buffer, then the slabs are scattered into the `[B, T, C]` outputs: safe code with no
-//! shared writes, and each pair's sums (including the `dk`/`dv` accumulation over queries) run
-//! sequentially in a fixed order, so the results do not depend on scheduling.
+//! scratch buffer, then the slabs are scattered into the `[B, T, C]` outputs: no shared writes,
+//! and each pair's sums (including the `dk`/`dv` accumulation over query blocks) run in a fixed
+//! order, so the results do not depend on scheduling.
 //!
 //! [`Backend`]: crate::Backend
 
 use rayon::prelude::*;
 
 use super::elementwise::{dropped, keep_scale};
-use super::math::{self, axpy, dot};
+use super::math::{self, dot};
+use super::matmul::{gemm_strided, Strides};
 use super::par::{self, PAR_MIN_ELEMS};
+use super::simd::multiversion;
 use crate::backend::{AttnDims, Dropout};
 use crate::{Result, TensorError};
 
 /// Below this many multiply-adds (`B * NH * Tq * Tk * HS`) attention runs on one thread.
 const PAR_ATTN_WORK: usize = 1 << 16;
+
+/// Queries per block: scores are computed for a block of queries at a time, only up to the
+/// block's last causal key (skipping most of the masked upper triangle), and without saved
+/// probabilities the score buffer stays `Q_BLOCK × Tk`.
+const Q_BLOCK: usize = 64;
 
 /// Element counts of the attention operands.
 pub(crate) struct Shapes {
@@ -73,9 +82,7 @@ pub(crate) fn check(
         let need = prod(&[d.batch - 1, d.kv_batch_stride])?.checked_add(prod(&[d.tk, c])?).ok_or_else(ovf)?;
         for (what, len) in [("k", k_len), ("v", v_len)] {
             if len < need {
-                return Err(err(format!(
-                    "{what} has {len} elements, needs {need} ((B-1)*kv_batch_stride + Tk*C)"
-                )));
+                return Err(err(format!("{what} has {len} elements, needs {need} ((B-1)*kv_batch_stride + Tk*C)")));
             }
         }
     }
@@ -121,11 +128,6 @@ impl Geo {
     fn causal(&self, i: usize) -> usize {
         (self.q_offset + i + 1).min(self.tk)
     }
-    /// Head-`h` slice of row `row` of a `[.., C]` activation.
-    #[inline]
-    fn head<'a>(&self, x: &'a [f32], row_start: usize, h: usize) -> &'a [f32] {
-        &x[row_start + h * self.hs..row_start + (h + 1) * self.hs]
-    }
 }
 
 /// Dropout factor for one probability: 0 when dropped, `1/(1-p)` when kept, 1 without dropout.
@@ -138,49 +140,48 @@ fn drop_factor(d: Option<&Dropout>, scale: f32, index: usize) -> f32 {
     }
 }
 
-/// One query row: scores over the `limit` causal keys, masked, softmaxed into `prow[..tk]`
-/// (zeros for future and padding keys). Returns how many leading keys may carry weight:
-/// `limit`, or `tk` for a row with only padding keys (uniform over all keys, see module docs).
+multiversion! {
+    /// One query row in place: `prow[..limit]` holds the causal keys' scores; padding keys are
+    /// excluded, the row is softmaxed, and future keys get 0. Returns how many leading keys may
+    /// carry weight: `limit`, or `tk` for a row whose keys are all padding (uniform over all keys,
+    /// see the module docs).
+    fn softmax_row(prow: &mut [f32], limit: usize, mask: Option<&[u8]>) -> usize {
+        if let Some(m) = mask {
+            for (p, &keep) in prow[..limit].iter_mut().zip(m) {
+                if keep == 0 {
+                    *p = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let mx = math::max(&prow[..limit]);
+        if mx == f32::NEG_INFINITY {
+            // Every causal key is padding: HF's additive finfo.min mask makes all `tk` scores equal.
+            prow.fill(1.0 / prow.len() as f32);
+            return prow.len();
+        }
+        prow[limit..].fill(0.0);
+        // exp(-inf - max) = 0 for the padding keys.
+        for p in prow[..limit].iter_mut() {
+            *p = math::exp(*p - mx);
+        }
+        let inv = (1.0 / math::sum(&prow[..limit])) as f32;
+        for p in prow[..limit].iter_mut() {
+            *p *= inv;
+        }
+        limit
+    }
+}
+
+/// `dst[r, j] = src[r, j] * dropout factor` for rows `i0..i0+rows` of pair `bh` (first `cols`
+/// columns of each `tk`-wide row).
 #[allow(clippy::too_many_arguments)]
-#[inline]
-fn softmax_row(
-    prow: &mut [f32],
-    limit: usize,
-    qi: &[f32],
-    k: &[f32],
-    kbase: usize,
-    g: &Geo,
-    mask: Option<&[u8]>,
-    scale: f32,
-) -> usize {
-    let mut mx = f32::NEG_INFINITY;
-    let mut any = false;
-    for (j, p) in prow[..limit].iter_mut().enumerate() {
-        if mask.is_none_or(|m| m[j] != 0) {
-            let kj = &k[kbase + j * g.c..kbase + j * g.c + g.hs];
-            let s = dot(qi, kj) * scale;
-            *p = s;
-            mx = if s > mx { s } else { mx };
-            any = true;
-        } else {
-            *p = f32::NEG_INFINITY;
+fn apply_dropout(dst: &mut [f32], src: &[f32], g: &Geo, bh: usize, i0: usize, cols: usize, d: &Dropout, scale: f32) {
+    for (r, (drow, srow)) in dst.chunks_exact_mut(g.tk).zip(src.chunks_exact(g.tk)).enumerate() {
+        let flat = (bh * g.tq + i0 + r) * g.tk;
+        for j in 0..cols {
+            drow[j] = srow[j] * drop_factor(Some(d), scale, flat + j);
         }
     }
-    if !any {
-        // Every causal key is padding: HF's additive finfo.min mask makes all `tk` scores equal.
-        prow.fill(1.0 / prow.len() as f32);
-        return prow.len();
-    }
-    prow[limit..].fill(0.0);
-    // exp(-inf - max) = 0 for the masked keys.
-    for p in prow[..limit].iter_mut() {
-        *p = math::exp(*p - mx);
-    }
-    let inv = (1.0 / math::sum(&prow[..limit])) as f32;
-    for p in prow[..limit].iter_mut() {
-        *p *= inv;
-    }
-    limit
 }
 
 /// Scatter `[B, NH, T, HS]` head slabs into `[B, T, C]` rows (overwriting).
@@ -196,6 +197,10 @@ fn scatter_heads(dst: &mut [f32], src: &[f32], t: usize, heads: usize, hs: usize
 }
 
 /// Attention forward; shapes checked by [`check`].
+///
+/// Per (batch, head) pair and block of [`Q_BLOCK`] queries: `S = scale · Q Kᵀ` (one strided
+/// gemm over the head's columns, only up to the block's last causal key), row softmax with the
+/// masks, optional dropout, then `ctx = P V` (another gemm).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward(
     out: &mut [f32],
@@ -211,37 +216,64 @@ pub(crate) fn forward(
     if dims.batch == 0 || g.tq == 0 {
         return;
     }
-    let scale = dims.scale;
     let drop = dropout.filter(|d| d.p > 0.0);
     let dscale = drop.map_or(1.0, |d| keep_scale(d.p));
     let mut ctx = vec![0.0f32; dims.batch * g.heads * g.tq * g.hs];
+    let block_len = Q_BLOCK.min(g.tq) * g.tk;
 
     // One (batch, head) pair: `ctx` is its [Tq, HS] slab, `probs` its [Tq, Tk] block if saved.
     let pair = |bh: usize, ctx: &mut [f32], mut probs: Option<&mut [f32]>| {
         let (b, h) = (bh / g.heads, bh % g.heads);
-        let kbase = b * g.kvs + h * g.hs;
+        let kv = &k[b * g.kvs + h * g.hs..];
+        let vv = &v[b * g.kvs + h * g.hs..];
         let mask = key_mask.map(|m| &m[b * g.tk..(b + 1) * g.tk]);
-        let mut row_buf = if probs.is_some() { Vec::new() } else { vec![0.0f32; g.tk] };
-        for i in 0..g.tq {
-            let prow: &mut [f32] = match probs.as_deref_mut() {
-                Some(p) => &mut p[i * g.tk..(i + 1) * g.tk],
-                None => &mut row_buf,
+        let mut scores = if probs.is_some() { Vec::new() } else { vec![0.0f32; block_len] };
+        let mut dropped = if drop.is_some() { vec![0.0f32; block_len] } else { Vec::new() };
+        for i0 in (0..g.tq).step_by(Q_BLOCK) {
+            let rows = Q_BLOCK.min(g.tq - i0);
+            let sblock: &mut [f32] = match probs.as_deref_mut() {
+                Some(p) => &mut p[i0 * g.tk..(i0 + rows) * g.tk],
+                None => &mut scores[..rows * g.tk],
             };
-            let qi = g.head(q, (b * g.tq + i) * g.c, h);
-            let span = softmax_row(prow, g.causal(i), qi, k, kbase, &g, mask, scale);
-            let ci = &mut ctx[i * g.hs..(i + 1) * g.hs];
-            ci.fill(0.0);
-            let flat = (bh * g.tq + i) * g.tk;
-            for (j, &p) in prow[..span].iter().enumerate() {
-                let w = p * drop_factor(drop, dscale, flat + j);
-                if w != 0.0 {
-                    axpy(ci, w, &v[kbase + j * g.c..kbase + j * g.c + g.hs]);
-                }
+            let qrows = &q[(b * g.tq + i0) * g.c + h * g.hs..];
+            let keys = g.causal(i0 + rows - 1);
+            gemm_strided(
+                (rows, keys, g.hs),
+                sblock,
+                Strides::rows(g.tk),
+                qrows,
+                Strides::rows(g.c),
+                kv,
+                Strides::cols(g.c),
+                dims.scale,
+                false,
+            );
+            let mut span = 0;
+            for (r, prow) in sblock.chunks_exact_mut(g.tk).enumerate() {
+                span = span.max(softmax_row(prow, g.causal(i0 + r), mask));
             }
+            let pblock: &[f32] = match drop {
+                Some(d) => {
+                    apply_dropout(&mut dropped[..rows * g.tk], sblock, &g, bh, i0, span, d, dscale);
+                    &dropped[..rows * g.tk]
+                }
+                None => sblock,
+            };
+            gemm_strided(
+                (rows, g.hs, span),
+                &mut ctx[i0 * g.hs..],
+                Strides::rows(g.hs),
+                pblock,
+                Strides::rows(g.tk),
+                vv,
+                Strides::rows(g.c),
+                1.0,
+                false,
+            );
         }
     };
 
-    let parallel = par::worth_parallel(dims.batch * g.heads * g.tq * g.tk * g.hs, PAR_ATTN_WORK);
+    let parallel = par::worth_parallel((dims.batch * g.heads * g.tq * g.tk).saturating_mul(g.hs), PAR_ATTN_WORK);
     let slab = g.tq * g.hs;
     match probs {
         Some(p) if parallel => ctx
@@ -266,6 +298,9 @@ pub(crate) fn forward(
 /// with no re-masking, as autograd does: masked keys have `P = 0` and get nothing, and rows that
 /// were entirely padding (uniform `P` over all keys) are differentiated as a softmax over equal
 /// scores, which is what autograd gives for HF's additive `finfo.min` mask.
+///
+/// Each (batch, head) pair walks its query blocks in order, accumulating `dK`/`dV` in its own
+/// slabs, so the sums are sequential and deterministic.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     dq: &mut [f32],
@@ -287,50 +322,104 @@ pub(crate) fn backward(
         dv.fill(0.0);
         return;
     }
-    let scale = dims.scale;
     let drop = dropout.filter(|d| d.p > 0.0);
     let dscale = drop.map_or(1.0, |d| keep_scale(d.p));
     let mut dq_s = vec![0.0f32; pairs * g.tq * g.hs];
     let mut dk_s = vec![0.0f32; pairs * g.tk * g.hs];
     let mut dv_s = vec![0.0f32; pairs * g.tk * g.hs];
+    let block_len = Q_BLOCK.min(g.tq) * g.tk;
 
     // One (batch, head) pair; its dq [Tq, HS] and dk, dv [Tk, HS] slabs start zeroed.
     let pair = |bh: usize, dq: &mut [f32], dk: &mut [f32], dv: &mut [f32]| {
         let (b, h) = (bh / g.heads, bh % g.heads);
-        let kbase = b * g.kvs + h * g.hs;
-        let pblock = &probs[bh * g.tq * g.tk..(bh + 1) * g.tq * g.tk];
-        let mut dp = vec![0.0f32; g.tk];
-        for i in 0..g.tq {
-            let prow = &pblock[i * g.tk..(i + 1) * g.tk];
-            let row = (b * g.tq + i) * g.c;
-            let (doi, qi) = (g.head(dout, row, h), g.head(q, row, h));
-            let flat = (bh * g.tq + i) * g.tk;
-            // dV_j += P'_ij dO_i and dP_ij = (dO_i · V_j) D_ij.
-            for (j, &p) in prow.iter().enumerate() {
-                let f = drop_factor(drop, dscale, flat + j);
-                if p == 0.0 || f == 0.0 {
-                    dp[j] = 0.0;
-                    continue;
+        let kv = &k[b * g.kvs + h * g.hs..];
+        let vv = &v[b * g.kvs + h * g.hs..];
+        let pall = &probs[bh * g.tq * g.tk..(bh + 1) * g.tq * g.tk];
+        let mut ds = vec![0.0f32; block_len];
+        let mut dropped = if drop.is_some() { vec![0.0f32; block_len] } else { Vec::new() };
+        for i0 in (0..g.tq).step_by(Q_BLOCK) {
+            let rows = Q_BLOCK.min(g.tq - i0);
+            let pblock = &pall[i0 * g.tk..(i0 + rows) * g.tk];
+            // Keys with weight in this block: the causal ones, or all when a row was uniform.
+            let causal = g.causal(i0 + rows - 1);
+            let keys =
+                if pblock.chunks_exact(g.tk).any(|r| r[causal..].iter().any(|&p| p != 0.0)) { g.tk } else { causal };
+            let row0 = (b * g.tq + i0) * g.c + h * g.hs;
+            let (dorows, qrows) = (&dout[row0..], &q[row0..]);
+            let pd: &[f32] = match drop {
+                Some(d) => {
+                    apply_dropout(&mut dropped[..rows * g.tk], pblock, &g, bh, i0, keys, d, dscale);
+                    &dropped[..rows * g.tk]
                 }
-                axpy(&mut dv[j * g.hs..(j + 1) * g.hs], p * f, doi);
-                dp[j] = dot(doi, &v[kbase + j * g.c..kbase + j * g.c + g.hs]) * f;
-            }
-            // Softmax backward: dS_ij = P_ij (dP_ij - Σ_l P_il dP_il), times the score scale.
-            let pdp = dot(prow, &dp);
-            let dqi = &mut dq[i * g.hs..(i + 1) * g.hs];
-            for (j, &p) in prow.iter().enumerate() {
-                if p == 0.0 {
-                    continue;
+                None => pblock,
+            };
+            // dV += P'ᵀ dO
+            gemm_strided(
+                (keys, g.hs, rows),
+                dv,
+                Strides::rows(g.hs),
+                pd,
+                Strides::cols(g.tk),
+                dorows,
+                Strides::rows(g.c),
+                1.0,
+                true,
+            );
+            // dP' = dO Vᵀ
+            let dsb = &mut ds[..rows * g.tk];
+            gemm_strided(
+                (rows, keys, g.hs),
+                dsb,
+                Strides::rows(g.tk),
+                dorows,
+                Strides::rows(g.c),
+                vv,
+                Strides::cols(g.c),
+                1.0,
+                false,
+            );
+            // dS = scale · P ∘ (dP - rowsum(P ∘ dP)), with dP = dP' ∘ D.
+            for (r, (dsr, pr)) in dsb.chunks_exact_mut(g.tk).zip(pblock.chunks_exact(g.tk)).enumerate() {
+                let (dsr, pr) = (&mut dsr[..keys], &pr[..keys]);
+                if drop.is_some() {
+                    let flat = (bh * g.tq + i0 + r) * g.tk;
+                    for (j, x) in dsr.iter_mut().enumerate() {
+                        *x *= drop_factor(drop, dscale, flat + j);
+                    }
                 }
-                let ds = p * (dp[j] - pdp) * scale;
-                axpy(dqi, ds, &k[kbase + j * g.c..kbase + j * g.c + g.hs]);
-                axpy(&mut dk[j * g.hs..(j + 1) * g.hs], ds, qi);
+                let pdp = dot(pr, dsr);
+                for (x, &p) in dsr.iter_mut().zip(pr) {
+                    *x = p * (*x - pdp) * dims.scale;
+                }
             }
+            // dQ = dS K, dK += dSᵀ Q
+            gemm_strided(
+                (rows, g.hs, keys),
+                &mut dq[i0 * g.hs..],
+                Strides::rows(g.hs),
+                dsb,
+                Strides::rows(g.tk),
+                kv,
+                Strides::rows(g.c),
+                1.0,
+                false,
+            );
+            gemm_strided(
+                (keys, g.hs, rows),
+                dk,
+                Strides::rows(g.hs),
+                dsb,
+                Strides::cols(g.tk),
+                qrows,
+                Strides::rows(g.c),
+                1.0,
+                true,
+            );
         }
     };
 
     let (sq, skv) = (g.tq * g.hs, g.tk * g.hs);
-    if par::worth_parallel(pairs * g.tq * g.tk * g.hs, PAR_ATTN_WORK) {
+    if par::worth_parallel((pairs * g.tq * g.tk).saturating_mul(g.hs), PAR_ATTN_WORK) {
         dq_s.par_chunks_mut(sq)
             .zip(dk_s.par_chunks_mut(skv))
             .zip(dv_s.par_chunks_mut(skv))
@@ -437,7 +526,8 @@ mod tests {
         drop: Option<&Dropout>,
     ) -> (Vec<f32>, Vec<f32>) {
         let be = CpuBackend::new();
-        let (qb, kb, vb) = (CpuBuf::from_f32_vec(q.to_vec()), CpuBuf::from_f32_vec(k.to_vec()), CpuBuf::from_f32_vec(v.to_vec()));
+        let (qb, kb, vb) =
+            (CpuBuf::from_f32_vec(q.to_vec()), CpuBuf::from_f32_vec(k.to_vec()), CpuBuf::from_f32_vec(v.to_vec()));
         let mut out = out_f32(q.len());
         let mut probs = out_f32(d.batch * d.heads * d.tq * d.tk);
         be.attention_forward(out.vm(), Some(probs.vm()), qb.v(), kb.v(), vb.v(), mask, d, drop).unwrap();
@@ -573,20 +663,14 @@ mod tests {
     /// differences of `L = Σ out * dout` for dv always and for dq/dk when `fd_qk` (rows whose
     /// keys are all padding have a forward independent of q/k, see the module docs).
     #[allow(clippy::too_many_arguments)]
-    fn check_backward(
-        d: AttnDims,
-        mask: Option<&[u8]>,
-        drop: Option<&Dropout>,
-        kv_len: usize,
-        seed: u64,
-        fd_qk: bool,
-    ) {
+    fn check_backward(d: AttnDims, mask: Option<&[u8]>, drop: Option<&Dropout>, kv_len: usize, seed: u64, fd_qk: bool) {
         let be = CpuBackend::new();
         let c = d.heads * d.head_dim;
         let qn = d.batch * d.tq * c;
         let (q, k, v) = (randn(seed, qn), randn(seed + 1, kv_len), randn(seed + 2, kv_len));
         let dy = randn(seed + 3, qn);
-        let (qb, kb, vb) = (CpuBuf::from_f32_vec(q.clone()), CpuBuf::from_f32_vec(k.clone()), CpuBuf::from_f32_vec(v.clone()));
+        let (qb, kb, vb) =
+            (CpuBuf::from_f32_vec(q.clone()), CpuBuf::from_f32_vec(k.clone()), CpuBuf::from_f32_vec(v.clone()));
         let mut out = out_f32(qn);
         let mut probs = out_f32(d.batch * d.heads * d.tq * d.tk);
         be.attention_forward(out.vm(), Some(probs.vm()), qb.v(), kb.v(), vb.v(), mask, &d, drop).unwrap();
@@ -597,8 +681,7 @@ mod tests {
             CpuBuf::from_f32_vec(vec![9.0; dense]),
         );
         let dyb = CpuBuf::from_f32_vec(dy.clone());
-        be.attention_backward(dq.vm(), dk.vm(), dv.vm(), dyb.v(), qb.v(), kb.v(), vb.v(), probs.v(), &d, drop)
-            .unwrap();
+        be.attention_backward(dq.vm(), dk.vm(), dv.vm(), dyb.v(), qb.v(), kb.v(), vb.v(), probs.v(), &d, drop).unwrap();
         let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
             naive(q, k, v, mask, &d, drop).0.iter().zip(&dy).map(|(o, &g)| o * g as f64).sum()
         };
@@ -652,6 +735,47 @@ mod tests {
         let drop = Dropout { p: 0.25, seed: 5, offset: 0 };
         check_backward(d, Some(&mask), None, kv, 60, false);
         check_backward(d, Some(&mask), Some(&drop), kv, 70, false);
+    }
+
+    #[test]
+    fn several_query_blocks_forward_and_backward() {
+        // tq > Q_BLOCK: several query blocks, each with its own causal key range; left padding
+        // (fully masked rows in the first block) and dropout.
+        let (b, tq, heads, hs) = (2, Q_BLOCK * 2 + 22, 2, 4);
+        let d = dims(b, tq, tq, heads, hs);
+        let n = b * tq * heads * hs;
+        let (q, k, v) = (randn(80, n), randn(81, n), randn(82, n));
+        let mut mask = vec![1u8; b * tq];
+        mask[tq..tq + 3].fill(0);
+        let drop = Dropout { p: 0.2, seed: 8, offset: 3 };
+        for dr in [None, Some(&drop)] {
+            let (out, probs) = run_forward(&q, &k, &v, Some(&mask), &d, dr);
+            let (wo, wp) = naive(&q, &k, &v, Some(&mask), &d, dr);
+            assert_all_close(&out, &to32(&wo), 1e-5);
+            assert_all_close(&probs, &to32(&wp), 1e-6);
+            let be = CpuBackend::new();
+            let dy = randn(83, n);
+            let (mut dq, mut dk, mut dv) = (out_f32(n), out_f32(n), out_f32(n));
+            let bufs: Vec<CpuBuf> =
+                [&q, &k, &v, &dy, &probs].iter().map(|x| CpuBuf::from_f32_vec(x.to_vec())).collect();
+            be.attention_backward(
+                dq.vm(),
+                dk.vm(),
+                dv.vm(),
+                bufs[3].v(),
+                bufs[0].v(),
+                bufs[1].v(),
+                bufs[2].v(),
+                bufs[4].v(),
+                &d,
+                dr,
+            )
+            .unwrap();
+            let (wq, wk, wv) = naive_backward(&q, &k, &v, Some(&mask), &d, dr, &dy);
+            assert_all_close(dq.as_f32().unwrap(), &to32(&wq), 1e-5);
+            assert_all_close(dk.as_f32().unwrap(), &to32(&wk), 1e-5);
+            assert_all_close(dv.as_f32().unwrap(), &to32(&wv), 1e-5);
+        }
     }
 
     #[test]

@@ -229,10 +229,7 @@ mod tests {
         assert!(be.bias_backward(out_f32(dim + 1).vm(), dout.v(), dim).is_err());
         // Outputs must be f32.
         let mut h = be.zeros(DType::BF16, dim).unwrap();
-        assert!(matches!(
-            be.bias_backward(h.vm(), dout.v(), dim),
-            Err(crate::TensorError::DType { .. })
-        ));
+        assert!(matches!(be.bias_backward(h.vm(), dout.v(), dim), Err(crate::TensorError::DType { .. })));
     }
 
     #[test]

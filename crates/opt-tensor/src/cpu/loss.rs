@@ -9,6 +9,45 @@ use rayon::prelude::*;
 
 use super::math;
 use super::par::{self, PAR_MIN_ELEMS};
+use super::simd::multiversion;
+
+multiversion! {
+    /// One cross-entropy row (target `t >= 0`): returns the loss; with a gradient scale the
+    /// row becomes `s * (softmax - onehot)`.
+    fn ce_row(x: &mut [f32], t: usize, grad_scale: Option<f32>) -> f32 {
+        let mx = math::max(x);
+        let xt = x[t];
+        match grad_scale {
+            None => {
+                let sum = math::sum_exp(x, mx);
+                (mx as f64 + sum.ln() - xt as f64) as f32
+            }
+            Some(s) => {
+                for v in x.iter_mut() {
+                    *v = math::exp(*v - mx);
+                }
+                let sum = math::sum(x);
+                let f = (s as f64 / sum) as f32;
+                for v in x.iter_mut() {
+                    *v *= f;
+                }
+                x[t] -= s;
+                (mx as f64 + sum.ln() - xt as f64) as f32
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One log-softmax row.
+    fn log_softmax_row(o: &mut [f32], x: &[f32]) {
+        let mx = math::max(x);
+        let lse = math::sum_exp(x, mx).ln() as f32;
+        for (o, &v) in o.iter_mut().zip(x) {
+            *o = v - mx - lse;
+        }
+    }
+}
 
 /// Per row: `loss = logsumexp(x) - x[t]` (0 when `t < 0`); with `grad_scale = Some(s)` the row
 /// is overwritten by `s * (softmax(x) - onehot(t))` (zeros when ignored).
@@ -30,27 +69,7 @@ pub(crate) fn cross_entropy(
             }
             return;
         }
-        let t = t as usize;
-        let mx = math::max(x);
-        let xt = x[t];
-        match grad_scale {
-            None => {
-                let sum = math::sum_exp(x, mx);
-                *loss = (mx as f64 + sum.ln() - xt as f64) as f32;
-            }
-            Some(s) => {
-                for v in x.iter_mut() {
-                    *v = math::exp(*v - mx);
-                }
-                let sum = math::sum(x);
-                *loss = (mx as f64 + sum.ln() - xt as f64) as f32;
-                let f = (s as f64 / sum) as f32;
-                for v in x.iter_mut() {
-                    *v *= f;
-                }
-                x[t] -= s;
-            }
-        }
+        *loss = ce_row(x, t as usize, grad_scale);
     };
     if par::worth_parallel(logits.len(), PAR_MIN_ELEMS) {
         logits.par_chunks_mut(vocab).zip(losses.par_iter_mut()).zip(targets.par_iter()).for_each(row_fn);
@@ -68,12 +87,7 @@ pub(crate) fn log_softmax(out: &mut [f32], logits: &[f32], vocab: usize) {
     par::for_each_chunk_mut(out, rows_task * vocab, PAR_MIN_ELEMS, |ci, chunk| {
         for (r, o) in chunk.chunks_exact_mut(vocab).enumerate() {
             let row = ci * rows_task + r;
-            let x = &logits[row * vocab..(row + 1) * vocab];
-            let mx = math::max(x);
-            let lse = math::sum_exp(x, mx).ln() as f32;
-            for (o, &v) in o.iter_mut().zip(x) {
-                *o = v - mx - lse;
-            }
+            log_softmax_row(o, &logits[row * vocab..(row + 1) * vocab]);
         }
     });
 }
@@ -82,8 +96,8 @@ pub(crate) fn log_softmax(out: &mut [f32], logits: &[f32], vocab: usize) {
 mod tests {
     use crate::backend::{Backend, Buffer};
     use crate::cpu::testutil::*;
-    use crate::cpu::CpuBuf;
     use crate::cpu::CpuBackend;
+    use crate::cpu::CpuBuf;
 
     fn ref_log_softmax(x: &[f32]) -> Vec<f64> {
         let mx = x.iter().cloned().fold(f32::MIN, f32::max) as f64;

@@ -23,7 +23,7 @@ fn lanes(x: &[f32]) -> &[f32; LANES] {
 }
 
 /// `sum_i a[i] * b[i]` over the common length, in a fixed order.
-#[inline]
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -41,14 +41,6 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     hsum8(acc) + tail
-}
-
-/// `y[i] += alpha * x[i]`.
-#[inline]
-pub(crate) fn axpy(y: &mut [f32], alpha: f32, x: &[f32]) {
-    for (y, x) in y.iter_mut().zip(x) {
-        *y += alpha * x;
-    }
 }
 
 /// Block size of the two-level sums: f32 lanes within a block, f64 across blocks, so long
@@ -79,6 +71,7 @@ pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// `sum_i x[i]` (f64 result, fixed order).
+#[inline(always)]
 pub(crate) fn sum(x: &[f32]) -> f64 {
     sum_map(x, |v| v)
 }
@@ -103,19 +96,33 @@ pub(crate) fn sum_map_f64(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
 }
 
 /// `sum_i exp(x[i] - shift)` (f64 result, fixed order).
+#[inline(always)]
 pub(crate) fn sum_exp(x: &[f32], shift: f32) -> f64 {
     sum_map(x, |v| exp(v - shift))
 }
 
-/// Largest element (NaN if any element is NaN, so a diverged row stays visible).
+/// Largest element (NaN if any element is NaN, so a diverged row stays visible). Lanes make
+/// it vectorise; a maximum is exact, so the lane order cannot change the result.
+#[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
+    let c = x.chunks_exact(LANES);
+    let r = c.remainder();
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut nan = [0u32; LANES];
+    for v in c {
+        let v = lanes(v);
+        for l in 0..LANES {
+            acc[l] = if v[l] > acc[l] { v[l] } else { acc[l] };
+            nan[l] |= v[l].is_nan() as u32;
+        }
+    }
     let mut m = f32::NEG_INFINITY;
-    let mut nan = false;
-    for &v in x {
-        nan |= v.is_nan();
+    let mut any_nan = nan.iter().any(|&b| b != 0);
+    for &v in acc.iter().chain(r) {
+        any_nan |= v.is_nan();
         m = if v > m { v } else { m };
     }
-    if nan {
+    if any_nan {
         f32::NAN
     } else {
         m
@@ -270,11 +277,8 @@ fn erfc_tail(ax: f64) -> f64 {
         return 1.0 - ERX - p / q;
     }
     let s = 1.0 / (ax * ax);
-    let (r, big_s) = if ax < 1.0 / 0.35 {
-        (poly(s, &RA), 1.0 + s * poly(s, &SA))
-    } else {
-        (poly(s, &RB), 1.0 + s * poly(s, &SB))
-    };
+    let (r, big_s) =
+        if ax < 1.0 / 0.35 { (poly(s, &RA), 1.0 + s * poly(s, &SA)) } else { (poly(s, &RB), 1.0 + s * poly(s, &SB)) };
     // z = ax with the low 32 bits cleared, so z*z is exact and exp(-z*z) is accurate.
     let z = f64::from_bits(ax.to_bits() & 0xFFFF_FFFF_0000_0000);
     (-z * z - 0.5625).exp() * ((z - ax) * (z + ax) + r / big_s).exp() / ax
@@ -461,8 +465,5 @@ mod tests {
         assert!((sum_exp(&x, 0.5) - want).abs() / want < 1e-6);
         assert_eq!(max(&x), x.iter().cloned().fold(f32::MIN, f32::max));
         assert!(max(&[1.0, f32::NAN, 2.0]).is_nan());
-        let mut z = vec![1.0f32; 5];
-        axpy(&mut z, 2.0, &[1.0, 2.0, 3.0, 4.0, 5.0]);
-        assert_eq!(z, vec![3.0, 5.0, 7.0, 9.0, 11.0]);
     }
 }

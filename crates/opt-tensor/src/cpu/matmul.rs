@@ -38,11 +38,9 @@ pub(crate) fn check(out_len: usize, a_len: usize, b_len: usize, g: &Gemm) -> Res
     let err = |detail: String| TensorError::Shape { op: "matmul", detail };
     let size = |x: usize, y: usize| x.checked_mul(y).ok_or_else(|| err(format!("{g:?} overflows usize")));
     let (mk, kn, mn) = (size(g.m, g.k)?, size(g.k, g.n)?, size(g.m, g.n)?);
-    for (what, len, stride, sz) in [
-        ("a", a_len, g.stride_a, mk),
-        ("b", b_len, g.stride_b, kn),
-        ("out", out_len, g.stride_out, mn),
-    ] {
+    for (what, len, stride, sz) in
+        [("a", a_len, g.stride_a, mk), ("b", b_len, g.stride_b, kn), ("out", out_len, g.stride_out, mn)]
+    {
         let need = extent(g.batch, stride, sz).ok_or_else(|| err(format!("{g:?} overflows usize")))?;
         if len < need {
             return Err(err(format!("{what} has {len} elements, {g:?} needs at least {need}")));
@@ -55,7 +53,7 @@ pub(crate) fn check(out_len: usize, a_len: usize, b_len: usize, g: &Gemm) -> Res
 /// problems: no full-size f32 copy of a big weight, and the conversion runs in parallel and
 /// in cache) rather than all at once up front.
 pub(crate) fn widen_b_per_block(g: &Gemm) -> bool {
-    g.batch >= 1 && g.n >= 2 * COL_BLOCK && g.m * g.n * g.k >= PAR_GEMM_WORK
+    g.batch >= 1 && g.n >= 2 * COL_BLOCK && g.m.saturating_mul(g.n).saturating_mul(g.k) >= PAR_GEMM_WORK
 }
 
 /// Zero the outputs (or scale them by beta) when `k == 0`: the product is empty.
@@ -82,9 +80,9 @@ pub(crate) fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &Gemm) {
     }
     let mn = m * n;
     let (a_size, b_size) = (m * k, k * n);
-    let work = mn * k;
+    let work = mn.saturating_mul(k);
     let disjoint = stride_out >= mn;
-    if batch > 1 && disjoint && work < PAR_GEMM_WORK && par::worth_parallel(work * batch, PAR_GEMM_WORK) {
+    if batch > 1 && disjoint && work < PAR_GEMM_WORK && par::worth_parallel(work.saturating_mul(batch), PAR_GEMM_WORK) {
         // Many small problems (e.g. per-head products): one problem per task, each serial.
         let span = (batch - 1) * stride_out + mn;
         out[..span].par_chunks_mut(stride_out.max(1)).enumerate().for_each(|(bi, o)| {
@@ -94,8 +92,7 @@ pub(crate) fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &Gemm) {
         });
         return;
     }
-    let parallelism =
-        if work >= PAR_GEMM_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    let parallelism = if work >= PAR_GEMM_WORK { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
     for bi in 0..batch {
         // Sequential, so overlapping outputs (e.g. `stride_out == 0` accumulating over the
         // batch) behave as a loop over problems.
@@ -143,6 +140,13 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// The pointer (a method, so closures capture the whole `Sync` wrapper, not the field).
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// One m×n problem split into [`COL_BLOCK`]-wide column blocks computed in parallel, each by a
 /// serial gemm. `fill(j0, w, scratch)` writes columns `j0..j0+w` of `op(b)` into `scratch` as a
 /// k×w (`!trans_b`) or w×k (`trans_b`) row-major block.
@@ -158,7 +162,6 @@ fn col_blocked(out: &mut [f32], a: &[f32], g: &Gemm, fill: impl Fn(usize, usize,
         with_scratch(|scratch| {
             fill(j0, w, scratch);
             let (b_rs, b_cs) = if g.trans_b { (1, k) } else { (w, 1) };
-            let dst = dst;
             // SAFETY: `scratch` holds the k×w block of op(b) with these strides (filled above).
             // The block writes out[i * n + j0 + jj] for i < m, jj < w: inside `out` (m×n), and
             // tasks have disjoint column ranges, so no two tasks touch the same element; `out`
@@ -168,7 +171,7 @@ fn col_blocked(out: &mut [f32], a: &[f32], g: &Gemm, fill: impl Fn(usize, usize,
                     m,
                     w,
                     k,
-                    dst.0.add(j0),
+                    dst.get().add(j0),
                     1,
                     n as isize,
                     g.beta != 0.0,
@@ -188,10 +191,97 @@ fn col_blocked(out: &mut [f32], a: &[f32], g: &Gemm, fill: impl Fn(usize, usize,
             }
         });
     };
-    if par::worth_parallel(m * n * k, PAR_GEMM_WORK) {
+    if par::worth_parallel((m * n).saturating_mul(k), PAR_GEMM_WORK) {
         (0..blocks).into_par_iter().for_each(task);
     } else {
         (0..blocks).for_each(task);
+    }
+}
+
+/// Row and column strides (in elements) of a matrix inside a slice.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Strides {
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl Strides {
+    /// Row-major with row stride `rs`.
+    pub(crate) fn rows(rs: usize) -> Self {
+        Strides { rs, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with row stride `rs`.
+    pub(crate) fn cols(rs: usize) -> Self {
+        Strides { rs: 1, cs: rs }
+    }
+    /// Smallest slice length holding an `r × c` matrix with these strides.
+    fn extent(self, r: usize, c: usize) -> usize {
+        if r == 0 || c == 0 {
+            0
+        } else {
+            (r - 1) * self.rs + (c - 1) * self.cs + 1
+        }
+    }
+}
+
+/// Single-threaded strided product `dst (m×n) = scale * lhs (m×k) · rhs (k×n)` (or `+=` when
+/// `accumulate`), for kernels that multiply sub-matrices in place, e.g. one attention head
+/// (columns `h*HS..` of `[T, C]` rows). Panics if a matrix does not fit its slice (an internal
+/// invariant: callers validate shapes first).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    dst: &mut [f32],
+    dst_s: Strides,
+    lhs: &[f32],
+    lhs_s: Strides,
+    rhs: &[f32],
+    rhs_s: Strides,
+    scale: f32,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    dst[i * dst_s.rs + j * dst_s.cs] = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    assert!(
+        dst_s.extent(m, n) <= dst.len() && lhs_s.extent(m, k) <= lhs.len() && rhs_s.extent(k, n) <= rhs.len(),
+        "gemm_strided operands out of bounds"
+    );
+    // SAFETY: the assert above bounds every element gemm reads or writes; `dst` is exclusively
+    // borrowed so it aliases neither input. (Overlapping dst elements — a zero stride — would
+    // only be a logic error, not memory-unsafe.)
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            dst_s.cs as isize,
+            dst_s.rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            lhs_s.cs as isize,
+            lhs_s.rs as isize,
+            rhs.as_ptr(),
+            rhs_s.cs as isize,
+            rhs_s.rs as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        );
     }
 }
 
@@ -254,15 +344,7 @@ mod tests {
         let (af, bf) = (a.to_f32_vec(), b.to_f32_vec());
         let mut want: Vec<f64> = init.iter().map(|&x| x as f64).collect();
         for bi in 0..g.batch {
-            let p = naive_matmul(
-                &af[bi * g.stride_a..],
-                &bf[bi * g.stride_b..],
-                g.m,
-                g.n,
-                g.k,
-                g.trans_a,
-                g.trans_b,
-            );
+            let p = naive_matmul(&af[bi * g.stride_a..], &bf[bi * g.stride_b..], g.m, g.n, g.k, g.trans_a, g.trans_b);
             for (i, v) in p.iter().enumerate() {
                 let o = &mut want[bi * g.stride_out + i];
                 *o = g.alpha as f64 * v + if g.beta == 0.0 { 0.0 } else { g.beta as f64 * *o };

@@ -162,10 +162,7 @@ mod tests {
         let src = CpuBuf::from_f32_vec((0..9).map(|x| x as f32).collect());
         let mut out = be.zeros(DType::F32, 12).unwrap();
         be.copy_2d(out.at_mut(1, 10), 4, src.at(1, 8), 3, 3, 2).unwrap();
-        assert_eq!(
-            out.as_f32().unwrap(),
-            &[0.0, 1.0, 2.0, 0.0, 0.0, 4.0, 5.0, 0.0, 0.0, 7.0, 8.0, 0.0]
-        );
+        assert_eq!(out.as_f32().unwrap(), &[0.0, 1.0, 2.0, 0.0, 0.0, 4.0, 5.0, 0.0, 0.0, 7.0, 8.0, 0.0]);
         // Too short a view is an error, not a panic.
         assert!(be.copy_2d(out.at_mut(1, 8), 4, src.at(1, 8), 3, 3, 2).is_err());
         // A hand-built view past the end of the buffer is an error too.

@@ -6,12 +6,15 @@
 //! - `memory` (fill/copy/convert), `matmul` (the `gemm` crate), `elementwise` (bias, add, scale,
 //!   activations, dropout, squared norm), `embedding`, `norm` (LayerNorm), `attention`, `loss`
 //!   (cross-entropy, log-softmax), `optim` (AdamW);
-//! - `math` (accurate `erf`, a vectorisable `exp`, fixed-order dot products) and `par`
-//!   (parallelism thresholds and the fixed chunking that keeps reductions deterministic).
+//! - `math` (accurate `erf`, a vectorisable `exp`, fixed-order dot products), `par`
+//!   (parallelism thresholds and the fixed chunking that keeps reductions deterministic) and
+//!   `simd` (run-time AVX2 dispatch of the hot row kernels, bit-identical to the baseline).
 //!
 //! Kernels work on plain slices; this file turns views into slices. Low-precision inputs
-//! (bf16/f16 weights) are widened to f32, either borrowed as-is (f32) or converted into a
-//! reusable thread-local scratch buffer, so all arithmetic is f32 (or f64 where noted).
+//! (bf16/f16 weights) are widened to f32 into reusable thread-local scratch buffers (a large
+//! matmul widens its weight one column block at a time, inside the parallel product), so all
+//! arithmetic is f32 (or f64 where noted). The scratch pool keeps up to four buffers per
+//! thread, sized by the largest widened operand seen.
 //!
 //! Determinism: every reduction uses chunks whose size is a constant (never derived from the
 //! thread count) and combines the per-chunk results sequentially in chunk order, so results are
@@ -21,12 +24,13 @@ mod attention;
 mod elementwise;
 mod embedding;
 mod loss;
-pub(crate) mod math;
+mod math;
 mod matmul;
 mod memory;
 mod norm;
 mod optim;
-pub(crate) mod par;
+mod par;
+mod simd;
 
 #[cfg(test)]
 mod testutil;

@@ -11,6 +11,75 @@ use rayon::prelude::*;
 use super::elementwise::add_partials_in_order;
 use super::math;
 use super::par::{self, PAR_MIN_ELEMS, REDUCE_ROWS};
+use super::simd::multiversion;
+
+multiversion! {
+    /// One row: writes `o`, returns `(mean, rstd)`.
+    fn forward_row(o: &mut [f32], x: &[f32], weight: Option<&[f32]>, bias: Option<&[f32]>, eps: f32) -> (f32, f32) {
+        let dim = x.len() as f64;
+        let mu = math::sum_map_f64(x, |v| v) / dim;
+        let mu32 = mu as f32;
+        let var = math::sum_map_f64(x, |v| (v - mu) * (v - mu)) / dim;
+        let rs = (1.0 / (var + eps as f64).sqrt()) as f32;
+        match (weight, bias) {
+            (Some(w), Some(b)) => {
+                for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
+                    *o = (x - mu32) * rs * w + b;
+                }
+            }
+            (Some(w), None) => {
+                for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
+                    *o = (x - mu32) * rs * w;
+                }
+            }
+            (None, Some(b)) => {
+                for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
+                    *o = (x - mu32) * rs + b;
+                }
+            }
+            (None, None) => {
+                for (o, &x) in o.iter_mut().zip(x) {
+                    *o = (x - mu32) * rs;
+                }
+            }
+        }
+        (mu32, rs)
+    }
+}
+
+multiversion! {
+    /// One row of the backward pass: `d += ...`; accumulates into `dw`/`db` unless they are
+    /// empty. `xhat` and `g` are row-sized scratch.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_row(
+        d: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        weight: Option<&[f32]>,
+        stats: (f32, f32),
+        xhat: &mut [f32],
+        g: &mut [f32],
+        dw: &mut [f32],
+        db: &mut [f32],
+    ) {
+        let (mu, rs) = stats;
+        for (xh, &x) in xhat.iter_mut().zip(x) {
+            *xh = (x - mu) * rs;
+        }
+        match weight {
+            Some(w) => g.iter_mut().zip(dy).zip(w).for_each(|((g, &dy), &w)| *g = dy * w),
+            None => g.copy_from_slice(dy),
+        }
+        dw.iter_mut().zip(dy).zip(&*xhat).for_each(|((a, &dy), &xh)| *a += dy * xh);
+        db.iter_mut().zip(dy).for_each(|(a, &dy)| *a += dy);
+        let inv_dim = 1.0 / x.len() as f32;
+        let mean_g = (math::sum(g) as f32) * inv_dim;
+        let mean_gx = math::dot(g, xhat) * inv_dim;
+        for ((d, &g), &xh) in d.iter_mut().zip(&*g).zip(&*xhat) {
+            *d += rs * (g - mean_g - xh * mean_gx);
+        }
+    }
+}
 
 /// `out = (x - mean) * rstd * w + b` per row; saves `mean` and `rstd = 1 / sqrt(var + eps)`.
 #[allow(clippy::too_many_arguments)]
@@ -32,35 +101,7 @@ pub(crate) fn forward(
     let task = |(ci, ((o, m), r)): Task<'_>| {
         for (j, o) in o.chunks_exact_mut(dim).enumerate() {
             let row = ci * rows_task + j;
-            let x = &inp[row * dim..(row + 1) * dim];
-            let mu = math::sum_map_f64(x, |v| v) / dim as f64;
-            let mu32 = mu as f32;
-            let var = math::sum_map_f64(x, |v| (v - mu) * (v - mu)) / dim as f64;
-            let rs = (1.0 / (var + eps as f64).sqrt()) as f32;
-            m[j] = mu32;
-            r[j] = rs;
-            match (weight, bias) {
-                (Some(w), Some(b)) => {
-                    for (((o, &x), &w), &b) in o.iter_mut().zip(x).zip(w).zip(b) {
-                        *o = (x - mu32) * rs * w + b;
-                    }
-                }
-                (Some(w), None) => {
-                    for ((o, &x), &w) in o.iter_mut().zip(x).zip(w) {
-                        *o = (x - mu32) * rs * w;
-                    }
-                }
-                (None, Some(b)) => {
-                    for ((o, &x), &b) in o.iter_mut().zip(x).zip(b) {
-                        *o = (x - mu32) * rs + b;
-                    }
-                }
-                (None, None) => {
-                    for (o, &x) in o.iter_mut().zip(x) {
-                        *o = (x - mu32) * rs;
-                    }
-                }
-            }
+            (m[j], r[j]) = forward_row(o, &inp[row * dim..(row + 1) * dim], weight, bias, eps);
         }
     };
     if par::worth_parallel(inp.len(), PAR_MIN_ELEMS) {
@@ -97,7 +138,6 @@ pub(crate) fn backward(
         return;
     }
     let (want_dw, want_db) = (dweight.is_some(), dbias.is_some());
-    let inv_dim = 1.0 / dim as f32;
     // One block of REDUCE_ROWS rows: writes its dinp rows, returns its (dweight, dbias) partials.
     let block = |(ci, d): (usize, &mut [f32])| -> (Vec<f32>, Vec<f32>) {
         let mut dw = vec![0.0f32; if want_dw { dim } else { 0 }];
@@ -106,27 +146,9 @@ pub(crate) fn backward(
         let mut g = vec![0.0f32; dim];
         for (j, d) in d.chunks_exact_mut(dim).enumerate() {
             let row = ci * REDUCE_ROWS + j;
-            let x = &inp[row * dim..(row + 1) * dim];
-            let dy = &dout[row * dim..(row + 1) * dim];
-            let (mu, rs) = (mean[row], rstd[row]);
-            for (xh, &x) in xhat.iter_mut().zip(x) {
-                *xh = (x - mu) * rs;
-            }
-            match weight {
-                Some(w) => g.iter_mut().zip(dy).zip(w).for_each(|((g, &dy), &w)| *g = dy * w),
-                None => g.copy_from_slice(dy),
-            }
-            if want_dw {
-                dw.iter_mut().zip(dy).zip(&xhat).for_each(|((a, &dy), &xh)| *a += dy * xh);
-            }
-            if want_db {
-                db.iter_mut().zip(dy).for_each(|(a, &dy)| *a += dy);
-            }
-            let mean_g = (math::sum(&g) as f32) * inv_dim;
-            let mean_gx = math::dot(&g, &xhat) * inv_dim;
-            for ((d, &g), &xh) in d.iter_mut().zip(&g).zip(&xhat) {
-                *d += rs * (g - mean_g - xh * mean_gx);
-            }
+            let rows = row * dim..(row + 1) * dim;
+            let stats = (mean[row], rstd[row]);
+            backward_row(d, &dout[rows.clone()], &inp[rows], weight, stats, &mut xhat, &mut g, &mut dw, &mut db);
         }
         (dw, db)
     };
@@ -183,8 +205,7 @@ mod tests {
             let (mut mean, mut rstd) = (out_f32(rows), out_f32(rows));
             be.layernorm_forward(out.vm(), mean.vm(), rstd.vm(), xb.v(), Some(wb.v()), Some(bb.v()), dim, 1e-5)
                 .unwrap();
-            let want: Vec<f32> =
-                ln_ref(&x, Some(&ww), Some(&bw), dim, 1e-5).iter().map(|&v| v as f32).collect();
+            let want: Vec<f32> = ln_ref(&x, Some(&ww), Some(&bw), dim, 1e-5).iter().map(|&v| v as f32).collect();
             assert_all_close(out.as_f32().unwrap(), &want, 2e-4);
             let mu0 = x[..dim].iter().map(|&v| v as f64).sum::<f64>() / dim as f64;
             assert_close(mean.as_f32().unwrap()[0], mu0 as f32, 1e-7);

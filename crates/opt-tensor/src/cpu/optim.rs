@@ -87,15 +87,8 @@ mod tests {
             let (mut mr, mut vr) = (vec![0.0; n], vec![0.0; n]);
             for step in 1..=5u64 {
                 let g = randn(10 + step, n);
-                let hp = AdamW {
-                    lr: 1e-3,
-                    beta1: 0.9,
-                    beta2: 0.95,
-                    eps: 1e-8,
-                    weight_decay: 0.1,
-                    step,
-                    grad_scale: 0.5,
-                };
+                let hp =
+                    AdamW { lr: 1e-3, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, step, grad_scale: 0.5 };
                 let gb = CpuBuf::from_f32_vec(g.clone());
                 be.adamw(p.vm(), gb.v(), m.vm(), v.vm(), &hp).unwrap();
                 reference(&mut pr, &g, &mut mr, &mut vr, &hp);

@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The one script for a GPU session (run by the device tool in the repository root, with the
+# binaries staged by bench/gpu/pack.sh carried in .gpu/). In order, each step bounded by its own
+# timeout and by a global deadline so the call ends well inside the device time:
+#   1. the GPU and driver;
+#   2. every CUDA kernel against its CPU twin (opt-cuda's tests/kernels.rs, prebuilt);
+#   3. the whole model on CUDA against CPU: logits, KV-cache decoding, a training step;
+#   4. the two ceilings of this card, measured now: device copy bandwidth and bf16 matmul rate;
+#   5. the issue's table for opt-rs and PyTorch (shared/anchors/hf_gpu_baseline.py, copied here)
+#      in the same call: decode 125m/1.3b batch 1, generate 125m batch 32 (128 + 128),
+#      train 125m/1.3b at 8 x 2048;
+#   6. 20 training steps on CPU and CUDA in f32: the loss curves side by side;
+#   7. the table with opt-rs/PyTorch ratios and what bounds each figure (bench/gpu/report.py).
+# Everything lands in $OUT (results.jsonl, one log per step); the table is printed last.
+#
+#   bash bench/gpu/run.sh [DEADLINE_S]      # default 420 s for the whole script
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+DEADLINE=${1:-420}
+OUT=${OUT:-/tmp/opt-rs-gpu}
+mkdir -p "$OUT"
+RES="$OUT/results.jsonl"
+: >"$RES"
+START=$SECONDS
+export PYTHONUNBUFFERED=1
+# The GPU machines keep the CUDA 13 libraries (cuBLAS, NVRTC) here; the driver is on the
+# default path.
+export LD_LIBRARY_PATH="/usr/local/cuda-13/targets/x86_64-linux/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# ... and the driver's folder, in case the loader's cache does not list it.
+[[ -d /usr/local/nvidia/lib64 ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:/usr/local/nvidia/lib64"
+BIN=$(mktemp -d)
+export XDG_CACHE_HOME="$BIN/cache" # compiled kernels: a fresh cache, so start-up compile is timed too
+
+note() { printf '{"task": "%s", "status": "%s", "s": %s}\n' "$1" "$2" "$3" >>"$RES"; }
+
+# step NAME TIMEOUT CMD... : run with a timeout capped by the deadline; JSON lines the command
+# prints go to results.jsonl, everything to $OUT/NAME.log.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((DEADLINE - (SECONDS - START)))
+    if ((left < 15)); then
+        echo "== $name: skipped (deadline)"
+        note "$name" skipped 0
+        return
+    fi
+    ((limit > left)) && limit=$left
+    echo "== $name (timeout ${limit}s): $*"
+    local t0=$SECONDS
+    timeout --kill-after=5 "$limit" "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    grep -h '^{' "$OUT/$name.log" >>"$RES"
+    tail -n 4 "$OUT/$name.log" | sed 's/^/   /'
+    local status=ok
+    ((rc == 124 || rc == 137)) && status=timeout
+    ((rc != 0 && rc != 124 && rc != 137)) && status="failed($rc)"
+    note "$name" "$status" $((SECONDS - t0))
+}
+
+# ---- 0. unpack -------------------------------------------------------------------------------
+for f in .gpu/*.xz; do
+    [[ -f "$f" ]] || { echo "error: no .gpu/*.xz: run bench/gpu/pack.sh here first and carry .gpu" >&2; exit 1; }
+    xz -dc "$f" >"$BIN/$(basename "$f" .xz)"
+    chmod +x "$BIN/$(basename "$f" .xz)"
+done
+OPT="$BIN/opt-rs"
+
+# ---- 1. machine ------------------------------------------------------------------------------
+step gpu 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+
+# ---- 2-3. correctness ------------------------------------------------------------------------
+step kernels 150 "$BIN/opt-cuda-kernels" --ignored --test-threads=1
+step model 120 "$BIN/opt-cuda-model" --ignored --test-threads=1
+
+# ---- 4. ceilings -----------------------------------------------------------------------------
+step ceilings 60 python3 bench/gpu/ceilings.py
+
+# ---- 5. the table: opt-rs, then PyTorch ----------------------------------------------------
+step ors_decode_125m 60 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 128 --reps 2
+step ors_generate_125m_b32 60 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 32 --prompt 128 --new-tokens 128 --reps 2
+step ors_decode_1.3b 90 "$OPT" bench --device cuda --preset 1.3b --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 128 --reps 2
+step ors_train_125m 90 "$OPT" bench --device cuda --preset 125m --what train --batch 8 --seq 2048 --steps 5
+step ors_train_1.3b 120 "$OPT" bench --device cuda --preset 1.3b --what train --batch 8 --seq 2048 --steps 5
+step hf_generate 120 python3 bench/gpu/hf_gpu_baseline.py gen:125m gen:1.3b
+step hf_train 120 python3 bench/gpu/hf_gpu_baseline.py train:125m train:1.3b
+
+# ---- 6. loss curves, CPU against CUDA, f32 -------------------------------------------------
+for dev in cpu cuda; do
+    step "train_parity_$dev" 90 "$OPT" train --device "$dev" --fresh \
+        --set train.max_steps=20 --set run.log_every=1 --set train.precision=f32 \
+        --set run.dir="$OUT/train-$dev"
+done
+
+# ---- 7. table --------------------------------------------------------------------------------
+python3 bench/gpu/report.py "$RES" "$OUT" | tee "$OUT/table.txt"
+echo "total $((SECONDS - START)) s; results in $OUT"
