@@ -170,7 +170,7 @@ impl OptConfig {
                 return err(name, "must be positive".into());
             }
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return err(
                 "num_attention_heads",
                 format!("{} heads do not divide hidden_size {}", self.num_attention_heads, self.hidden_size),

@@ -4,6 +4,7 @@
 //! seed gives the same model on every backend and thread count.
 
 use opt_tensor::rng;
+use rayon::prelude::*;
 
 use crate::config::OptConfig;
 use crate::params::ParamLayout;
@@ -22,9 +23,12 @@ pub fn metaseq_init(cfg: &OptConfig, layout: &ParamLayout, params: &mut [f32], s
             let s =
                 if name.ends_with("out_proj.weight") || name.ends_with("fc2.weight") { std * resid_scale } else { std };
             let stream = rng::derive(seed, i as u64);
-            for (j, x) in dst.iter_mut().enumerate() {
-                *x = rng::normal(stream, j as u64) * s;
-            }
+            // Each draw is a pure function of (stream, index): parallel and still reproducible.
+            dst.par_chunks_mut(1 << 14).enumerate().for_each(|(c, chunk)| {
+                for (j, x) in chunk.iter_mut().enumerate() {
+                    *x = rng::normal(stream, (c * (1 << 14) + j) as u64) * s;
+                }
+            });
         }
     }
     // The padding token's embedding row is zero, as nn.Embedding(padding_idx=1) leaves it.

@@ -541,7 +541,7 @@ impl<B: Backend> OptModel<B> {
     ) -> Result<B::Buf> {
         let be = &self.backend;
         let cfg = &self.cfg;
-        if batch == 0 || ids.is_empty() || ids.len() % batch != 0 {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::Input(format!("{} ids do not form a batch of {batch} rows", ids.len())));
         }
         let t = ids.len() / batch;

@@ -118,13 +118,13 @@ fn folder_without_weights_or_config_is_a_clear_error() {
 #[test]
 fn bad_forward_inputs_are_errors() {
     let model = load("pre_ln", DType::F32);
-    let e = model.forward(&[2, 600, 3], 1, None, None, LogitsMode::All).err().expect("id out of range").to_string();
+    let e = model.forward(&[2, 600, 3], 1, None, None, LogitsMode::All).expect_err("id out of range").to_string();
     assert!(e.contains("600"), "{e}");
     let long: Vec<u32> = vec![5; 65];
-    let e = model.forward(&long, 1, None, None, LogitsMode::All).err().expect("too long").to_string();
+    let e = model.forward(&long, 1, None, None, LogitsMode::All).expect_err("too long").to_string();
     assert!(e.contains("max_position_embeddings"), "{e}");
-    let e = model.forward(&[2, 5, 6], 2, None, None, LogitsMode::All).err().expect("ragged").to_string();
+    let e = model.forward(&[2, 5, 6], 2, None, None, LogitsMode::All).expect_err("ragged").to_string();
     assert!(e.contains("batch"), "{e}");
-    let e = model.forward(&[2, 5, 6], 1, Some(&[1, 1]), None, LogitsMode::All).err().expect("mask").to_string();
+    let e = model.forward(&[2, 5, 6], 1, Some(&[1, 1]), None, LogitsMode::All).expect_err("mask").to_string();
     assert!(e.contains("mask"), "{e}");
 }

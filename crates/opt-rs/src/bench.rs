@@ -62,18 +62,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             model.forward(&x, 1, None, None, LogitsMode::All)?;
             Ok(())
         })?;
-        println!(
-            "{}",
-            json!({"sys": "opt-rs-cpu", "task": "prefill", "model": name, "dtype": a.dtype, "threads": threads,
+        emit(json!({"sys": "opt-rs-cpu", "task": "prefill", "model": name, "dtype": a.dtype, "threads": threads,
                    "tokens": a.prefill, "logits": "all", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)})
         );
         let dt = time(a.reps, || {
             model.forward(&x, 1, None, None, LogitsMode::Last)?;
             Ok(())
         })?;
-        println!(
-            "{}",
-            json!({"sys": "opt-rs-cpu", "task": "prefill_last", "model": name, "dtype": a.dtype, "threads": threads,
+        emit(json!({"sys": "opt-rs-cpu", "task": "prefill_last", "model": name, "dtype": a.dtype, "threads": threads,
                    "tokens": a.prefill, "logits": "last", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)})
         );
     }
@@ -94,13 +90,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
             Ok(())
         })?;
         let label = format!("generate{}+{}", a.prompt, steps);
-        println!(
-            "{}",
-            json!({"sys": "opt-rs-cpu", "task": label, "model": name, "dtype": a.dtype, "threads": threads,
+        emit(json!({"sys": "opt-rs-cpu", "task": label, "model": name, "dtype": a.dtype, "threads": threads,
                    "s": round2(dt), "new_tok_per_s": round1(steps as f64 / dt)})
         );
     }
     Ok(())
+}
+
+/// Print one JSON line; a closed pipe (`| head -1`) ends the program quietly instead of panicking.
+fn emit(v: serde_json::Value) {
+    use std::io::Write;
+    if writeln!(std::io::stdout(), "{v}").is_err() {
+        std::process::exit(0);
+    }
 }
 
 fn argmax(row: &[f32]) -> u32 {

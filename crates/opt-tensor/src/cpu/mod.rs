@@ -25,6 +25,7 @@ mod elementwise;
 mod embedding;
 mod loss;
 mod math;
+mod gemv;
 mod matmul;
 mod memory;
 mod norm;
@@ -340,6 +341,18 @@ impl Backend for CpuBackend {
         matmul::check(out.len(), a.len, b.len, g)?;
         check_bounds(OP, b.buf.len(), b.off, b.len)?;
         with_f32(OP, a, |a| {
+            if g.trans_b && !g.trans_a && g.batch == 1 && g.m <= gemv::GEMV_MAX_M && g.k > 0 {
+                // Decode-shaped product against a PyTorch-layout weight: stream the weight in
+                // its storage dtype (see `gemv`).
+                let nk = g.n * g.k;
+                let w = match b.buf {
+                    CpuBuf::F32(v) => gemv::WRows::F32(&v[b.off..b.off + nk]),
+                    CpuBuf::BF16(v) => gemv::WRows::BF16(&v[b.off..b.off + nk]),
+                    CpuBuf::F16(v) => gemv::WRows::F16(&v[b.off..b.off + nk]),
+                };
+                gemv::gemv_nt(out, a, w, g.m, g.n, g.k, g.alpha, g.beta);
+                return Ok(());
+            }
             if b.buf.dtype() != DType::F32 && matmul::widen_b_per_block(g) {
                 matmul::matmul_wide_b(out, a, b.buf, b.off, g);
                 Ok(())
