@@ -185,3 +185,8 @@ fi
 run_step fmt cargo fmt --all -- --check --color "$RUSTFMT_COLOR"
 run_step clippy cargo clippy --workspace --all-targets -- -D warnings
 run_step test cargo test --workspace --release
+# The CUDA backend: type-checked and linted on these GPU-less machines (cudarc loads the CUDA
+# libraries at run time, so no toolkit is needed), and every kernel source compiled to PTX/SASS
+# for sm_90 with NVRTC from the nvidia-cuda-nvrtc wheel.
+run_step cuda-lint cargo clippy -p opt-rs --features cuda --all-targets -- -D warnings
+run_step ptx bash scripts/check_ptx.sh

@@ -147,7 +147,8 @@ impl OptConfig {
 
     /// Read `config.json` from a model folder (or a path to the file itself).
     pub fn from_path(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        // A folder (or a path that does not exist: report the config.json we looked for).
+        let file = if path.is_dir() || !path.exists() { path.join("config.json") } else { path.to_path_buf() };
         let text = std::fs::read_to_string(&file).map_err(|e| ModelError::Io { path: file.clone(), source: e })?;
         Self::from_json_str(&text, &file.display().to_string())
     }

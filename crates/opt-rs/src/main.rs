@@ -1,7 +1,11 @@
 //! `opt-rs`: the command line. It only parses arguments and wires the library crates together.
 
 mod bench;
+mod convert;
+mod eval;
+mod generate;
 mod score;
+mod train;
 
 use std::io::{BufRead, Write};
 use std::path::PathBuf;
@@ -27,6 +31,22 @@ enum Cmd {
     Tokenize(TokenizeArgs),
     /// Time prefill and decode on random weights of a preset (CPU).
     Bench(bench::BenchArgs),
+    /// Zero-shot tasks (lambada, hellaswag, piqa, arc_easy, jsonl files) and wikitext perplexity,
+    /// scored as lm-evaluation-harness does.
+    Eval(eval::EvalArgs),
+    /// Generate text: greedy, sampling, penalties, beam search, stop strings, log-probs;
+    /// streamed to the terminal or one JSON object per prompt.
+    Generate(generate::GenerateArgs),
+    /// Train or fine-tune with the metaseq recipe (no arguments: a tiny OPT on the bundled
+    /// Shakespeare, a few minutes on 2 cores). --print-config documents every key.
+    Train(train::TrainArgs),
+    /// Data tools: `data prepare` pre-tokenizes corpora into a memory-mapped token file.
+    Data(train::DataArgs),
+    /// Write a training run's checkpoint as a Hugging Face model folder.
+    Export(train::ExportArgs),
+    /// Convert a metaseq checkpoint (restored.pt, reshard-model_part-N.pt, FSDP shards) into a
+    /// Hugging Face model folder, streamed tensor by tensor.
+    Convert(convert::ConvertArgs),
 }
 
 #[derive(clap::Args)]
@@ -41,9 +61,26 @@ struct TokenizeArgs {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", describe(&e));
         std::process::exit(1);
     }
+}
+
+/// The error and its causes on one line, skipping a cause whose text the message already holds
+/// (library errors quote their I/O cause, e.g. "path: No such file or directory").
+fn describe(e: &anyhow::Error) -> String {
+    let mut msg = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if msg.contains(&text) {
+            continue;
+        }
+        if !msg.is_empty() {
+            msg.push_str(": ");
+        }
+        msg.push_str(&text);
+    }
+    msg
 }
 
 fn run() -> Result<()> {
@@ -55,6 +92,12 @@ fn run() -> Result<()> {
         Cmd::Score(a) => score::run(a),
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Bench(a) => bench::run(a),
+        Cmd::Eval(a) => eval::run(a),
+        Cmd::Generate(a) => generate::run(a),
+        Cmd::Train(a) => train::run(a),
+        Cmd::Data(a) => train::run_data(a),
+        Cmd::Export(a) => train::run_export(a),
+        Cmd::Convert(a) => convert::run(a),
     }
 }
 

@@ -45,17 +45,11 @@ pub fn run(a: ScoreArgs) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
     let model = OptModel::from_folder(CpuBackend::new(), &a.model, dtype)
         .with_context(|| format!("loading model from {}", a.model.display()))?;
-    let tok = match (&a.text, a.json && a.top_logprobs == 0) {
-        // Token strings are shown in the table; JSON output without text needs no tokenizer.
-        (Some(_), _) | (None, false) => match tokenizer_for(&a.model, a.tokenizer.as_deref()) {
-            Ok(t) => Some(t),
-            Err(e) if a.text.is_none() => {
-                eprintln!("note: no tokenizer ({e:#}); showing ids only");
-                None
-            }
-            Err(e) => return Err(e),
-        },
-        _ => None,
+    // Text input needs a tokenizer; with ids, one is only used to show token strings.
+    let tok = match (&a.text, a.json) {
+        (Some(_), _) => Some(tokenizer_for(&a.model, a.tokenizer.as_deref())?),
+        (None, false) => tokenizer_for(&a.model, a.tokenizer.as_deref()).ok(),
+        (None, true) => None,
     };
     let ids = match (&a.text, &a.ids) {
         (Some(text), _) => {
