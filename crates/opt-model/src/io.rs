@@ -42,7 +42,7 @@ impl<B: Backend> OptModel<B> {
             t.read_f32_into(&mut host[spec.offset..spec.offset + spec.numel()])?;
         }
         let params = backend.from_f32(&host, dtype)?;
-        Ok(OptModel { cfg, layout, params, backend })
+        Ok(OptModel { cfg, layout, params, backend, hooks: None })
     }
 
     /// A randomly initialised model (metaseq's scheme, see [`crate::init`]).
@@ -52,7 +52,7 @@ impl<B: Backend> OptModel<B> {
         let mut host = vec![0f32; layout.total()];
         metaseq_init(&cfg, &layout, &mut host, std, seed);
         let params = backend.from_f32(&host, dtype)?;
-        Ok(OptModel { cfg, layout, params, backend })
+        Ok(OptModel { cfg, layout, params, backend, hooks: None })
     }
 
     /// Build from host f32 parameters in this layout (tests, optimizers).
@@ -62,7 +62,7 @@ impl<B: Backend> OptModel<B> {
             return Err(ModelError::Input(format!("{} parameters given, layout has {}", host.len(), layout.total())));
         }
         let params = backend.from_f32(host, dtype)?;
-        Ok(OptModel { cfg, layout, params, backend })
+        Ok(OptModel { cfg, layout, params, backend, hooks: None })
     }
 
     /// Storage dtype of the parameters.

@@ -5,6 +5,7 @@ pub mod config;
 pub mod init;
 pub mod io;
 pub mod model;
+pub mod parallel;
 pub mod params;
 pub mod score;
 
@@ -12,6 +13,7 @@ use std::path::PathBuf;
 
 pub use config::{OptConfig, PRESETS};
 pub use model::{causal_targets, position_ids, DropoutCfg, KvCache, LogitsMode, OptModel, TrainBatch, TrainState};
+pub use parallel::{HostReduce, ParallelHooks};
 pub use params::{ParamLayout, ParamSpec};
 pub use score::{score_sequence, SequenceScore};
 

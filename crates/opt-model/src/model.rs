@@ -11,9 +11,12 @@
 //!   embedding with `project_in`/`project_out`;
 //! - Galactica has GELU, no biases and LayerNorms without affine parameters.
 
+use std::sync::Arc;
+
 use opt_tensor::{AttnDims, Backend, Buffer, DType, Dropout, Gemm, View, ViewMut};
 
 use crate::config::{OptConfig, LN_EPS, POSITION_OFFSET};
+use crate::parallel::{HostReduce, ParallelHooks};
 use crate::params::{LayerIdx, ParamLayout};
 use crate::{ModelError, Result};
 
@@ -33,6 +36,9 @@ pub struct OptModel<B: Backend> {
     /// All parameters in one buffer (see [`ParamLayout`]), in the storage dtype.
     pub params: B::Buf,
     pub backend: B,
+    /// Tensor-parallel collectives when `layout` is a shard (set by `opt-dist`'s
+    /// `parallelize`); `None` for the single-process model.
+    pub hooks: Option<Arc<dyn ParallelHooks<B>>>,
 }
 
 /// Per-layer key/value cache for incremental decoding: `k[l]`, `v[l]` are `[B, capacity, C]`.
@@ -271,6 +277,140 @@ pub fn position_ids(mask: &[u8], batch: usize, total: usize, t: usize) -> Vec<u3
 }
 
 impl<B: Backend> OptModel<B> {
+    /// Sum partial results over the tensor-parallel group (no-op without hooks).
+    fn tp_reduce(&self, x: ViewMut<'_, B::Buf>) -> Result<()> {
+        match &self.hooks {
+            Some(h) => h.all_reduce_sum(&self.backend, x),
+            None => Ok(()),
+        }
+    }
+
+    /// First vocabulary id this shard owns (0 without tensor parallelism).
+    fn vocab_start(&self) -> usize {
+        self.hooks.as_ref().map_or(0, |h| h.tp_rank() * self.layout.vocab)
+    }
+
+    /// Ids relative to this shard's vocabulary slice, and whether each is owned here (ids
+    /// owned elsewhere read row 0 and are zeroed afterwards).
+    fn local_ids(&self, ids: &[u32]) -> (Vec<u32>, Vec<bool>) {
+        let (lo, n) = (self.vocab_start(), self.layout.vocab);
+        ids.iter()
+            .map(|&i| {
+                let i = i as usize;
+                if i >= lo && i < lo + n {
+                    ((i - lo) as u32, true)
+                } else {
+                    (0, false)
+                }
+            })
+            .unzip()
+    }
+
+    /// Attention heads of this shard.
+    fn local_heads(&self) -> usize {
+        self.cfg.num_attention_heads / self.layout.tp
+    }
+
+    /// LM-head logits `[rows, V]` from `xp [rows, Dp]`: with tensor parallelism each rank
+    /// computes its vocabulary slice, and the slices are gathered (padding columns dropped).
+    fn logits(&self, xp: View<'_, B::Buf>, rows: usize) -> Result<B::Buf> {
+        let be = &self.backend;
+        let (dp, vl) = (self.cfg.word_embed_proj_dim, self.layout.vocab);
+        let mut local = be.zeros(DType::F32, rows * vl)?;
+        be.matmul(
+            local.vm(),
+            xp,
+            self.p(self.layout.lm_head_or_wte(), vl * dp),
+            &Gemm::new(rows, vl, dp, false, true),
+        )?;
+        let Some(h) = &self.hooks else { return Ok(local) };
+        let parts = h.all_gather_host(&be.to_f32(local.v())?)?;
+        let v = self.cfg.vocab_size;
+        let mut full = vec![0f32; rows * v];
+        for (r, row) in full.chunks_mut(v).enumerate() {
+            for (j, x) in row.iter_mut().enumerate() {
+                let (shard, col) = (j / vl, j % vl);
+                *x = parts[shard * rows * vl + r * vl + col];
+            }
+        }
+        Ok(be.from_f32(&full, DType::F32)?)
+    }
+
+    /// Vocabulary-parallel fused softmax cross-entropy over this shard's logits
+    /// `[rows, Vl]`, in place (Megatron's `vocab_parallel_cross_entropy`): the row max, the
+    /// sum of exponentials and the target logit are reduced over the group, so no rank holds
+    /// full-vocabulary logits. Writes `losses` like [`Backend::cross_entropy`] and leaves
+    /// `scale · (softmax − onehot)` for this slice in `logits`.
+    fn vocab_parallel_ce(
+        &self,
+        h: &dyn ParallelHooks<B>,
+        logits: ViewMut<'_, B::Buf>,
+        losses: ViewMut<'_, B::Buf>,
+        targets: &[i32],
+        scale: f32,
+    ) -> Result<()> {
+        let be = &self.backend;
+        let (vl, lo, v) = (self.layout.vocab, self.vocab_start(), self.cfg.vocab_size);
+        let rows = targets.len();
+        // Columns past the real vocabulary are padding: excluded from the softmax.
+        let valid = v.saturating_sub(lo).min(vl);
+        let mut x = be.to_f32(logits.as_view())?;
+        let mut mx: Vec<f32> =
+            x.chunks(vl).map(|r| r[..valid].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b))).collect();
+        h.all_reduce_host(&mut mx, HostReduce::Max)?;
+        let mut stats = vec![0f32; 2 * rows];
+        for r in 0..rows {
+            let row = &x[r * vl..(r + 1) * vl];
+            stats[r] = row[..valid].iter().map(|&z| (z - mx[r]).exp()).sum();
+            let t = targets[r];
+            if t >= 0 && (t as usize) >= lo && (t as usize) < lo + valid {
+                stats[rows + r] = row[t as usize - lo];
+            }
+        }
+        h.all_reduce_host(&mut stats, HostReduce::Sum)?;
+        let mut loss = vec![0f32; rows];
+        for r in 0..rows {
+            let row = &mut x[r * vl..(r + 1) * vl];
+            let t = targets[r];
+            if t < 0 {
+                row.fill(0.0);
+                continue;
+            }
+            let (m, sum) = (mx[r], stats[r]);
+            loss[r] = sum.ln() + m - stats[rows + r];
+            for (j, z) in row.iter_mut().enumerate() {
+                let p = if j < valid { (*z - m).exp() / sum } else { 0.0 };
+                let onehot = if lo + j == t as usize { 1.0 } else { 0.0 };
+                *z = (p - onehot) * scale;
+            }
+        }
+        be.copy(logits, be.from_f32(&x, DType::F32)?.v())?;
+        be.copy(losses, be.from_f32(&loss, DType::F32)?.v())?;
+        Ok(())
+    }
+
+    /// A row-parallel linear: the matmul gives this rank's partial sum, which is reduced over
+    /// the group before the (replicated) bias is added once.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_row(
+        &self,
+        mut out: ViewMut<'_, B::Buf>,
+        x: View<'_, B::Buf>,
+        w: usize,
+        b: Option<usize>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let be = &self.backend;
+        be.matmul(out.rb(), x, self.p(w, out_dim * in_dim), &Gemm::new(rows, out_dim, in_dim, false, true))?;
+        self.tp_reduce(out.rb())?;
+        if let Some(b) = b {
+            be.bias_add(out, self.p(b, out_dim), out_dim)?;
+        }
+        Ok(())
+    }
+
     /// A view of parameter `off` of `len` elements.
     fn p(&self, off: usize, len: usize) -> View<'_, B::Buf> {
         self.params.at(off, len)
@@ -306,16 +446,27 @@ impl<B: Backend> OptModel<B> {
         let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         let n = ids.len();
         check_ids(ids, cfg.vocab_size)?;
-        let wte = self.p(self.layout.wte, cfg.vocab_size * dp);
+        let wte = self.p(self.layout.wte, self.layout.vocab * dp);
         let wpe = self.p(self.layout.wpe, cfg.position_rows() * c);
-        if let Some(pi) = self.layout.project_in {
-            be.embedding_forward(emb.at_mut(0, n * dp), wte, ids, dp, false)?;
-            be.matmul(x.at_mut(0, n * c), emb.at(0, n * dp), self.p(pi, c * dp), &Gemm::new(n, c, dp, false, true))?;
-            be.embedding_forward(x.at_mut(0, n * c), wpe, pos, c, true)?;
-        } else {
-            be.embedding_forward(x.at_mut(0, n * c), wte, ids, c, false)?;
-            be.embedding_forward(x.at_mut(0, n * c), wpe, pos, c, true)?;
+        // Vocabulary-parallel lookup: each shard contributes the rows it owns, zeros elsewhere,
+        // and the sum over the group is the full embedding.
+        let local = self.hooks.as_ref().map(|_| self.local_ids(ids));
+        let tok = match &local {
+            Some((l, _)) => l.as_slice(),
+            None => ids,
+        };
+        let tok_out = if self.layout.project_in.is_some() { &mut *emb } else { &mut *x };
+        be.embedding_forward(tok_out.at_mut(0, n * dp), wte, tok, dp, false)?;
+        if let Some((_, owned)) = &local {
+            for (r, _) in owned.iter().enumerate().filter(|(_, &o)| !o) {
+                be.fill(tok_out.at_mut(r * dp, dp), 0.0)?;
+            }
+            self.tp_reduce(tok_out.at_mut(0, n * dp))?;
         }
+        if let Some(pi) = self.layout.project_in {
+            be.matmul(x.at_mut(0, n * c), emb.at(0, n * dp), self.p(pi, c * dp), &Gemm::new(n, c, dp, false, true))?;
+        }
+        be.embedding_forward(x.at_mut(0, n * c), wpe, pos, c, true)?;
         Ok(())
     }
 
@@ -338,9 +489,11 @@ impl<B: Backend> OptModel<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let l: &LayerIdx = &self.layout.layers[li];
-        let (c, f) = (cfg.hidden_size, cfg.ffn_dim);
+        // ca/f: this shard's attention and FFN widths (C and F without tensor parallelism).
+        let (c, f, ca) = (cfg.hidden_size, self.layout.ffn_dim, self.layout.attn_dim);
         let n = batch * t;
         let nc = n * c;
+        let nca = n * ca;
         let pre = cfg.do_layer_norm_before;
 
         // --- self-attention block -------------------------------------------------------
@@ -358,39 +511,39 @@ impl<B: Backend> OptModel<B> {
         }
         {
             let a_in = if pre { acts.ln1_out.at(0, nc) } else { acts.x_in.at(0, nc) };
-            self.linear(acts.q.at_mut(0, nc), a_in, l.q_w, l.q_b, n, c, c)?;
-            self.linear(acts.k.at_mut(0, nc), a_in, l.k_w, l.k_b, n, c, c)?;
-            self.linear(acts.v.at_mut(0, nc), a_in, l.v_w, l.v_b, n, c, c)?;
+            self.linear(acts.q.at_mut(0, nca), a_in, l.q_w, l.q_b, n, c, ca)?;
+            self.linear(acts.k.at_mut(0, nca), a_in, l.k_w, l.k_b, n, c, ca)?;
+            self.linear(acts.v.at_mut(0, nca), a_in, l.v_w, l.v_b, n, c, ca)?;
         }
         let attn_drop = drop.and_then(|d| d.site(li, 2, d.attn_p));
         let mut dims = AttnDims {
             batch,
             tq: t,
             tk: t,
-            heads: cfg.num_attention_heads,
+            heads: self.local_heads(),
             head_dim: cfg.head_dim(),
             q_offset: 0,
-            kv_batch_stride: t * c,
+            kv_batch_stride: t * ca,
             // HF scales q after q_proj; scaling the product instead is the same math.
             scale: (cfg.head_dim() as f32).powf(-0.5),
         };
-        let probs = if keep_probs { Some(acts.probs.vm()) } else { None };
+        let probs = if keep_probs { Some(acts.probs.at_mut(0, batch * self.local_heads() * t * t)) } else { None };
         match cache {
             LayerKv::Shared { k: kc, v: vc, past, cap } => {
                 // Append this call's keys/values to the cache rows [past, past + t).
                 for b in 0..batch {
-                    let dst = (b * cap + past) * c;
-                    be.copy(kc.at_mut(dst, t * c), acts.k.at(b * t * c, t * c))?;
-                    be.copy(vc.at_mut(dst, t * c), acts.v.at(b * t * c, t * c))?;
+                    let dst = (b * cap + past) * ca;
+                    be.copy(kc.at_mut(dst, t * ca), acts.k.at(b * t * ca, t * ca))?;
+                    be.copy(vc.at_mut(dst, t * ca), acts.v.at(b * t * ca, t * ca))?;
                 }
                 dims.tk = past + t;
                 dims.q_offset = past;
-                dims.kv_batch_stride = cap * c;
-                let kv_len = (batch - 1) * cap * c + dims.tk * c;
+                dims.kv_batch_stride = cap * ca;
+                let kv_len = (batch - 1) * cap * ca + dims.tk * ca;
                 be.attention_forward(
-                    acts.attn_y.at_mut(0, nc),
+                    acts.attn_y.at_mut(0, nca),
                     probs,
-                    acts.q.at(0, nc),
+                    acts.q.at(0, nca),
                     kc.at(0, kv_len),
                     vc.at(0, kv_len),
                     key_mask,
@@ -402,15 +555,16 @@ impl<B: Backend> OptModel<B> {
                 // Continuous batching: row b is one new token of its own sequence, with its own
                 // cache and length. Projections above ran batched; attention runs per row.
                 for (b, (kc, vc, past, cap)) in rows.into_iter().enumerate() {
-                    be.copy(kc.at_mut(past * c, c), acts.k.at(b * c, c))?;
-                    be.copy(vc.at_mut(past * c, c), acts.v.at(b * c, c))?;
-                    let d = AttnDims { batch: 1, tq: 1, tk: past + 1, q_offset: past, kv_batch_stride: cap * c, ..dims };
+                    be.copy(kc.at_mut(past * ca, ca), acts.k.at(b * ca, ca))?;
+                    be.copy(vc.at_mut(past * ca, ca), acts.v.at(b * ca, ca))?;
+                    let d =
+                        AttnDims { batch: 1, tq: 1, tk: past + 1, q_offset: past, kv_batch_stride: cap * ca, ..dims };
                     be.attention_forward(
-                        acts.attn_y.at_mut(b * c, c),
+                        acts.attn_y.at_mut(b * ca, ca),
                         None,
-                        acts.q.at(b * c, c),
-                        kc.at(0, (past + 1) * c),
-                        vc.at(0, (past + 1) * c),
+                        acts.q.at(b * ca, ca),
+                        kc.at(0, (past + 1) * ca),
+                        vc.at(0, (past + 1) * ca),
                         None,
                         &d,
                         None,
@@ -419,18 +573,18 @@ impl<B: Backend> OptModel<B> {
             }
             LayerKv::None => {
                 be.attention_forward(
-                    acts.attn_y.at_mut(0, nc),
+                    acts.attn_y.at_mut(0, nca),
                     probs,
-                    acts.q.at(0, nc),
-                    acts.k.at(0, nc),
-                    acts.v.at(0, nc),
+                    acts.q.at(0, nca),
+                    acts.k.at(0, nca),
+                    acts.v.at(0, nca),
                     key_mask,
                     &dims,
                     attn_drop.as_ref(),
                 )?;
             }
         }
-        self.linear(acts.tmp.at_mut(0, nc), acts.attn_y.at(0, nc), l.o_w, l.o_b, n, c, c)?;
+        self.linear_row(acts.tmp.at_mut(0, nc), acts.attn_y.at(0, nca), l.o_w, l.o_b, n, ca, c)?;
         if let Some(d) = drop.and_then(|d| d.site(li, 0, d.p)) {
             be.dropout(acts.tmp.at_mut(0, nc), &d)?;
         }
@@ -466,7 +620,7 @@ impl<B: Backend> OptModel<B> {
             self.linear(acts.fc1_pre.at_mut(0, n * f), f_in, l.fc1_w, l.fc1_b, n, c, f)?;
         }
         be.activation_forward(cfg.activation(), acts.fc1_act.at_mut(0, n * f), acts.fc1_pre.at(0, n * f))?;
-        self.linear(acts.tmp.at_mut(0, nc), acts.fc1_act.at(0, n * f), l.fc2_w, l.fc2_b, n, f, c)?;
+        self.linear_row(acts.tmp.at_mut(0, nc), acts.fc1_act.at(0, n * f), l.fc2_w, l.fc2_b, n, f, c)?;
         if let Some(d) = drop.and_then(|d| d.site(li, 1, d.p)) {
             be.dropout(acts.tmp.at_mut(0, nc), &d)?;
         }
@@ -585,7 +739,7 @@ impl<B: Backend> OptModel<B> {
             }
         }
         let n = batch * t;
-        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         let mut acts = LayerActs::new(be, cfg, batch, t, false)?;
         let mut x_next = be.zeros(DType::F32, n * c)?;
         let mut emb = be.zeros(DType::F32, if cfg.has_projection() { n * dp } else { 0 })?;
@@ -629,10 +783,7 @@ impl<B: Backend> OptModel<B> {
         let mut rstd = be.zeros(DType::F32, rows)?;
         let mut xp = be.zeros(DType::F32, rows * dp)?;
         self.head_input(x_rows, &mut xf, &mut mean, &mut rstd, &mut xp, rows)?;
-        let mut logits = be.zeros(DType::F32, rows * v)?;
-        let head = self.p(self.layout.lm_head_or_wte(), v * dp);
-        be.matmul(logits.vm(), xp.v(), head, &Gemm::new(rows, v, dp, false, true))?;
-        Ok(logits)
+        self.logits(xp.v(), rows)
     }
 
     /// One decode step for several independent sequences (continuous batching): row `i` is the
@@ -665,7 +816,7 @@ impl<B: Backend> OptModel<B> {
             }
             pos.push((c.len + POSITION_OFFSET) as u32);
         }
-        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, cfg.vocab_size);
+        let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         let mut acts = LayerActs::new(be, cfg, n, 1, false)?;
         let mut x_next = be.zeros(DType::F32, n * c)?;
         let mut emb = be.zeros(DType::F32, if cfg.has_projection() { n * dp } else { 0 })?;
@@ -690,10 +841,7 @@ impl<B: Backend> OptModel<B> {
         let mut rstd = be.zeros(DType::F32, n)?;
         let mut xp = be.zeros(DType::F32, n * dp)?;
         self.head_input(acts.x_in.at(0, n * c), &mut xf, &mut mean, &mut rstd, &mut xp, n)?;
-        let mut logits = be.zeros(DType::F32, n * v)?;
-        let head = self.p(self.layout.lm_head_or_wte(), v * dp);
-        be.matmul(logits.vm(), xp.v(), head, &Gemm::new(n, v, dp, false, true))?;
-        Ok(logits)
+        self.logits(xp.v(), n)
     }
 
     /// Training forward and backward: accumulates into `grads` (same layout as `params`, f32)
@@ -729,7 +877,8 @@ impl<B: Backend> OptModel<B> {
         if let Some(bad) = batch.targets.iter().find(|&&x| x >= cfg.vocab_size as i32) {
             return Err(ModelError::Input(format!("target id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
         }
-        let (c, f, dp, v) = (cfg.hidden_size, cfg.ffn_dim, cfg.word_embed_proj_dim, cfg.vocab_size);
+        // v: this shard's vocabulary rows (V without tensor parallelism).
+        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, self.layout.vocab);
         let nc = n * c;
         let pos = position_ids(batch.mask, bsz, t, t);
         if let Some(&p) = pos.iter().max() {
@@ -774,13 +923,22 @@ impl<B: Backend> OptModel<B> {
                 self.p(head_off, v * dp),
                 &Gemm::new(rows, v, dp, false, true),
             )?;
-            be.cross_entropy(
-                st.logits.at_mut(0, rows * v),
-                st.losses.at_mut(0, rows),
-                &batch.targets[r0..r0 + rows],
-                v,
-                Some(scale),
-            )?;
+            match &self.hooks {
+                Some(h) => self.vocab_parallel_ce(
+                    h.as_ref(),
+                    st.logits.at_mut(0, rows * v),
+                    st.losses.at_mut(0, rows),
+                    &batch.targets[r0..r0 + rows],
+                    scale,
+                )?,
+                None => be.cross_entropy(
+                    st.logits.at_mut(0, rows * v),
+                    st.losses.at_mut(0, rows),
+                    &batch.targets[r0..r0 + rows],
+                    v,
+                    Some(scale),
+                )?,
+            }
             total_loss += be.to_f32(st.losses.at(0, rows))?.iter().map(|&x| x as f64).sum::<f64>();
             // d head[V, Dp] += dlogitsᵀ · xp ; dxp = dlogits · head
             be.matmul(
@@ -797,6 +955,8 @@ impl<B: Backend> OptModel<B> {
             )?;
             r0 += rows;
         }
+        // Each vocabulary shard gave a partial d(xp).
+        self.tp_reduce(st.dxp.at_mut(0, n * dp))?;
 
         // ---- backward through project_out and the final LayerNorm ------------------------
         // st.dx <- d(last layer output)
@@ -865,13 +1025,17 @@ impl<B: Backend> OptModel<B> {
         }
         // nn.Embedding(padding_idx = pad_token_id): the padding row gets no gradient from the
         // lookup (it may still get one through a tied LM head).
+        // Ids another vocabulary shard owns contribute nothing here.
+        let (local, owned) = match &self.hooks {
+            Some(_) => self.local_ids(batch.ids),
+            None => (batch.ids.to_vec(), vec![true; n]),
+        };
         for (r, &id) in batch.ids.iter().enumerate() {
-            if id == cfg.pad_token_id {
+            if id == cfg.pad_token_id || !owned[r] {
                 be.fill(st.demb.at_mut(r * dp, dp), 0.0)?;
             }
         }
-        be.embedding_backward(grads.at_mut(lay.wte, v * dp), batch.ids, st.demb.at(0, n * dp), dp)?;
-        let _ = f;
+        be.embedding_backward(grads.at_mut(lay.wte, v * dp), &local, st.demb.at(0, n * dp), dp)?;
         Ok((total_loss, count))
     }
 
@@ -921,9 +1085,10 @@ impl<B: Backend> OptModel<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let l = &self.layout.layers[li];
-        let (c, f) = (cfg.hidden_size, cfg.ffn_dim);
+        let (c, f, ca) = (cfg.hidden_size, self.layout.ffn_dim, self.layout.attn_dim);
         let n = batch * t;
         let nc = n * c;
+        let nca = n * ca;
         let nf = n * f;
         let pre = cfg.do_layer_norm_before;
         let acts = &st.layers[li];
@@ -974,6 +1139,8 @@ impl<B: Backend> OptModel<B> {
         be.activation_backward(act, st.df2.at_mut(0, nf), acts.fc1_pre.at(0, nf), st.df1.at(0, nf))?;
         let f_in = if pre { acts.ln2_out.at(0, nc) } else { acts.ln1_out.at(0, nc) };
         self.linear_backward(grads, st.da.at_mut(0, nc), false, st.df2.at(0, nf), f_in, l.fc1_w, l.fc1_b, n, c, f)?;
+        // fc1 is column-parallel: its input gradient is a partial sum over the FFN shards.
+        self.tp_reduce(st.da.at_mut(0, nc))?;
         if pre {
             // d resid1 = d out (residual, in st.dx) + LN2ᵀ(d f_in)
             ln_backward(
@@ -1021,43 +1188,45 @@ impl<B: Backend> OptModel<B> {
         }
         self.linear_backward(
             grads,
-            st.db.at_mut(0, nc),
+            st.db.at_mut(0, nca),
             false,
             st.dc.at(0, nc),
-            acts.attn_y.at(0, nc),
+            acts.attn_y.at(0, nca),
             l.o_w,
             l.o_b,
             n,
-            c,
+            ca,
             c,
         )?;
         let dims = AttnDims {
             batch,
             tq: t,
             tk: t,
-            heads: cfg.num_attention_heads,
+            heads: self.local_heads(),
             head_dim: cfg.head_dim(),
             q_offset: 0,
-            kv_batch_stride: t * c,
+            kv_batch_stride: t * ca,
             scale: (cfg.head_dim() as f32).powf(-0.5),
         };
         let attn_drop = drop.and_then(|d| d.site(li, 2, d.attn_p));
         be.attention_backward(
-            st.dq.at_mut(0, nc),
-            st.dk.at_mut(0, nc),
-            st.dv.at_mut(0, nc),
-            st.db.at(0, nc),
-            acts.q.at(0, nc),
-            acts.k.at(0, nc),
-            acts.v.at(0, nc),
-            acts.probs.v(),
+            st.dq.at_mut(0, nca),
+            st.dk.at_mut(0, nca),
+            st.dv.at_mut(0, nca),
+            st.db.at(0, nca),
+            acts.q.at(0, nca),
+            acts.k.at(0, nca),
+            acts.v.at(0, nca),
+            acts.probs.at(0, batch * dims.heads * t * t),
             &dims,
             attn_drop.as_ref(),
         )?;
         let a_in = if pre { acts.ln1_out.at(0, nc) } else { acts.x_in.at(0, nc) };
-        self.linear_backward(grads, st.da.at_mut(0, nc), false, st.dq.at(0, nc), a_in, l.q_w, l.q_b, n, c, c)?;
-        self.linear_backward(grads, st.da.at_mut(0, nc), true, st.dk.at(0, nc), a_in, l.k_w, l.k_b, n, c, c)?;
-        self.linear_backward(grads, st.da.at_mut(0, nc), true, st.dv.at(0, nc), a_in, l.v_w, l.v_b, n, c, c)?;
+        self.linear_backward(grads, st.da.at_mut(0, nc), false, st.dq.at(0, nca), a_in, l.q_w, l.q_b, n, c, ca)?;
+        self.linear_backward(grads, st.da.at_mut(0, nc), true, st.dk.at(0, nca), a_in, l.k_w, l.k_b, n, c, ca)?;
+        self.linear_backward(grads, st.da.at_mut(0, nc), true, st.dv.at(0, nca), a_in, l.v_w, l.v_b, n, c, ca)?;
+        // q/k/v are column-parallel: their input gradient is a partial sum over the head shards.
+        self.tp_reduce(st.da.at_mut(0, nc))?;
         if pre {
             ln_backward(
                 be,

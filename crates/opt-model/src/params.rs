@@ -62,12 +62,33 @@ pub struct ParamLayout {
     /// `lm_head.weight` `[V, Dp]`, or `None` when tied to `wte`.
     pub lm_head: Option<usize>,
     pub layers: Vec<LayerIdx>,
+    /// Tensor-parallel degree this layout is a shard for (1 = the whole model). A shard keeps
+    /// HF names but holds `1/tp` of the heads, FFN columns and (padded) vocabulary rows; see
+    /// [`ParamLayout::sharded`].
+    pub tp: usize,
+    /// Width of this shard's q/k/v projections (`hidden_size / tp`).
+    pub attn_dim: usize,
+    /// This shard's FFN width (`ffn_dim / tp`).
+    pub ffn_dim: usize,
+    /// This shard's vocabulary rows (`ceil(vocab_size / tp)`; the last shard may hold padding
+    /// rows past `vocab_size`, which are kept at zero and masked out of the softmax).
+    pub vocab: usize,
     total: usize,
 }
 
 impl ParamLayout {
     pub fn new(cfg: &OptConfig) -> Self {
-        let (v, c, dp, f) = (cfg.vocab_size, cfg.hidden_size, cfg.word_embed_proj_dim, cfg.ffn_dim);
+        Self::sharded(cfg, 1)
+    }
+
+    /// The layout of one tensor-parallel shard (Megatron / metaseq `reshard_mp`): q/k/v and fc1
+    /// (and their biases), `embed_tokens` and `lm_head` keep `1/tp` of their rows; out_proj
+    /// and fc2 weights keep `1/tp` of their columns; everything else is replicated. `tp = 1`
+    /// is the whole model. The caller checks divisibility (heads and ffn by `tp`).
+    pub fn sharded(cfg: &OptConfig, tp: usize) -> Self {
+        let tp = tp.max(1);
+        let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
+        let (v, ca, f) = (cfg.vocab_size.div_ceil(tp), c / tp, cfg.ffn_dim / tp);
         let mut specs: Vec<ParamSpec> = Vec::new();
         let mut off = 0usize;
         let mut add = |name: String, shape: Vec<usize>| -> usize {
@@ -97,10 +118,10 @@ impl ParamLayout {
                 let b = bias.then(|| add(format!("{p}{name}.bias"), vec![out]));
                 (w, b)
             };
-            let (k_w, k_b) = lin("self_attn.k_proj", c, c);
-            let (v_w, v_b) = lin("self_attn.v_proj", c, c);
-            let (q_w, q_b) = lin("self_attn.q_proj", c, c);
-            let (o_w, o_b) = lin("self_attn.out_proj", c, c);
+            let (k_w, k_b) = lin("self_attn.k_proj", ca, c);
+            let (v_w, v_b) = lin("self_attn.v_proj", ca, c);
+            let (q_w, q_b) = lin("self_attn.q_proj", ca, c);
+            let (o_w, o_b) = lin("self_attn.out_proj", c, ca);
             let ln1_w = affine.then(|| add(format!("{p}self_attn_layer_norm.weight"), vec![c]));
             let ln1_b = affine.then(|| add(format!("{p}self_attn_layer_norm.bias"), vec![c]));
             let mut lin = |name: &str, out: usize, inp: usize| -> (usize, Option<usize>) {
@@ -140,7 +161,22 @@ impl ParamLayout {
             (None, None)
         };
         let lm_head = (!cfg.tie_word_embeddings).then(|| add("lm_head.weight".into(), vec![v, dp]));
-        ParamLayout { specs, wte, wpe, project_in, project_out, final_ln_w, final_ln_b, lm_head, layers, total: off }
+        ParamLayout {
+            specs,
+            wte,
+            wpe,
+            project_in,
+            project_out,
+            final_ln_w,
+            final_ln_b,
+            lm_head,
+            layers,
+            tp,
+            attn_dim: ca,
+            ffn_dim: f,
+            vocab: v,
+            total: off,
+        }
     }
 
     /// Total number of parameter elements.
