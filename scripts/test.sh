@@ -190,3 +190,6 @@ run_step test cargo test --workspace --release
 # for sm_90 with NVRTC from the nvidia-cuda-nvrtc wheel.
 run_step cuda-lint cargo clippy -p opt-rs --features cuda --all-targets -- -D warnings
 run_step ptx bash scripts/check_ptx.sh
+# Sharded training and inference across processes: tp / fsdp / dp runs of the parity fixture
+# under OpenMPI's mpirun (installs openmpi-bin when missing).
+run_step dist bash scripts/dist_tests.sh

@@ -2,9 +2,11 @@
 
 mod bench;
 mod convert;
+mod dist;
 mod eval;
 mod generate;
 mod score;
+mod serve;
 mod train;
 
 use std::io::{BufRead, Write};
@@ -47,6 +49,12 @@ enum Cmd {
     /// Convert a metaseq checkpoint (restored.pt, reshard-model_part-N.pt, FSDP shards) into a
     /// Hugging Face model folder, streamed tensor by tensor.
     Convert(convert::ConvertArgs),
+    /// Serve an OpenAI/metaseq-compatible completions API (continuous batching, streaming,
+    /// /metrics) and a browser playground at /.
+    Serve(serve::ServeArgs),
+    /// Distributed tools: the step-time model table (`dist model`) and tensor-parallel
+    /// checkpoint resharding (`dist reshard`).
+    Dist(dist::DistArgs),
 }
 
 #[derive(clap::Args)]
@@ -98,6 +106,8 @@ fn run() -> Result<()> {
         Cmd::Data(a) => train::run_data(a),
         Cmd::Export(a) => train::run_export(a),
         Cmd::Convert(a) => convert::run(a),
+        Cmd::Serve(a) => serve::run(a),
+        Cmd::Dist(a) => dist::run(a),
     }
 }
 
