@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use opt_model::{KvCache, LogitsMode, OptConfig, OptModel};
-use opt_tensor::{CpuBackend, DType};
+use opt_tensor::{Backend, Buffer, DType};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -48,28 +48,45 @@ fn ids(n: usize, seed: u64) -> Vec<u32> {
     (0..n).map(|i| 4 + (opt_tensor::rng::bits(seed, i as u64) % 49_996) as u32).collect()
 }
 
-pub fn run(a: BenchArgs) -> Result<()> {
+/// `opt-rs bench` on any backend.
+pub struct BenchJob(pub BenchArgs);
+
+impl crate::device::Job for BenchJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run(self.0, backend)
+    }
+}
+
+/// Wait for the device: download one element of `buf` (a no-op cost on CPU).
+fn sync<B: Backend>(be: &B, buf: &B::Buf) -> Result<()> {
+    be.to_f32(buf.at(0, 1))?;
+    Ok(())
+}
+
+fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
     let cfg = OptConfig::preset(&a.preset)?;
     let std = cfg.init_std;
-    let model = OptModel::new_random(CpuBackend::new(), cfg, dtype, std, 0)?;
+    let model = OptModel::new_random(backend, cfg, dtype, std, 0)?;
+    let sys = if model.backend.name() == "cpu" { "opt-rs-cpu".to_string() } else { format!("opt-rs-{}", model.backend.name()) };
     let name = a.preset.as_str();
     let threads = rayon::current_num_threads();
     let want = |w: &str| a.what.iter().any(|x| x == w);
     if want("prefill") {
         let x = ids(a.prefill, 1);
         let dt = time(a.reps, || {
-            model.forward(&x, 1, None, None, LogitsMode::All)?;
-            Ok(())
+            let l = model.forward(&x, 1, None, None, LogitsMode::All)?;
+            sync(&model.backend, &l)
         })?;
-        emit(json!({"sys": "opt-rs-cpu", "task": "prefill", "model": name, "dtype": a.dtype, "threads": threads,
+        emit(json!({"sys": sys, "task": "prefill", "model": name, "dtype": a.dtype, "threads": threads,
                    "tokens": a.prefill, "logits": "all", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)})
         );
         let dt = time(a.reps, || {
-            model.forward(&x, 1, None, None, LogitsMode::Last)?;
-            Ok(())
+            let l = model.forward(&x, 1, None, None, LogitsMode::Last)?;
+            sync(&model.backend, &l)
         })?;
-        emit(json!({"sys": "opt-rs-cpu", "task": "prefill_last", "model": name, "dtype": a.dtype, "threads": threads,
+        emit(json!({"sys": sys, "task": "prefill_last", "model": name, "dtype": a.dtype, "threads": threads,
                    "tokens": a.prefill, "logits": "last", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)})
         );
     }
@@ -83,14 +100,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let mut cache = KvCache::new(&model.backend, &model.cfg, 1, prompt.len() + steps)?;
             let mut logits = model.forward(&prompt, 1, None, Some(&mut cache), LogitsMode::Last)?;
             for _ in 1..steps {
-                let row = logits.to_f32_vec();
+                let row = model.backend.to_f32(logits.at(0, v))?;
                 let next = argmax(&row[..v]);
                 logits = model.forward(&[next], 1, None, Some(&mut cache), LogitsMode::Last)?;
             }
             Ok(())
         })?;
         let label = format!("generate{}+{}", a.prompt, steps);
-        emit(json!({"sys": "opt-rs-cpu", "task": label, "model": name, "dtype": a.dtype, "threads": threads,
+        emit(json!({"sys": sys, "task": label, "model": name, "dtype": a.dtype, "threads": threads,
                    "s": round2(dt), "new_tok_per_s": round1(steps as f64 / dt)})
         );
     }

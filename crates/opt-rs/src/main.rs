@@ -2,6 +2,7 @@
 
 mod bench;
 mod convert;
+mod device;
 mod dist;
 mod eval;
 mod generate;
@@ -18,6 +19,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "opt-rs", version, about = "OPT language models in Rust: score, tokenize, benchmark")]
 struct Cli {
+    /// Where to run: cpu, or cuda[:N] in a build with `--features cuda` (score and bench so far).
+    #[arg(long, global = true, default_value = "cpu", value_parser = clap::value_parser!(device::Device))]
+    device: device::Device,
     /// Worker threads for the CPU kernels (default: all cores).
     #[arg(long, global = true)]
     threads: Option<usize>,
@@ -97,9 +101,12 @@ fn run() -> Result<()> {
         rayon::ThreadPoolBuilder::new().num_threads(n).build_global().context("setting up the thread pool")?;
     }
     match cli.cmd {
-        Cmd::Score(a) => score::run(a),
+        Cmd::Score(a) => device::run_on(cli.device, score::ScoreJob(a)),
         Cmd::Tokenize(a) => tokenize(a),
-        Cmd::Bench(a) => bench::run(a),
+        Cmd::Bench(a) => device::run_on(cli.device, bench::BenchJob(a)),
+        _ if cli.device != device::Device::Cpu => {
+            anyhow::bail!("--device {}: this command runs on the CPU only so far (score and bench take --device)", cli.device)
+        }
         Cmd::Eval(a) => eval::run(a),
         Cmd::Generate(a) => generate::run(a),
         Cmd::Train(a) => train::run(a),

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use opt_model::{score_sequence, OptModel};
-use opt_tensor::{CpuBackend, DType};
+use opt_tensor::{Backend, DType};
 use serde_json::{json, Map, Value};
 
 #[derive(clap::Args)]
@@ -41,9 +41,19 @@ pub fn tokenizer_for(model_dir: &Path, explicit: Option<&Path>) -> Result<opt_to
     crate::load_tokenizer(has_own.then_some(model_dir))
 }
 
-pub fn run(a: ScoreArgs) -> Result<()> {
+/// `opt-rs score` on any backend.
+pub struct ScoreJob(pub ScoreArgs);
+
+impl crate::device::Job for ScoreJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run(self.0, backend)
+    }
+}
+
+fn run<B: Backend>(a: ScoreArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
-    let model = OptModel::from_folder(CpuBackend::new(), &a.model, dtype)
+    let model = OptModel::from_folder(backend, &a.model, dtype)
         .with_context(|| format!("loading model from {}", a.model.display()))?;
     // Text input needs a tokenizer; with ids, one is only used to show token strings.
     let tok = match (&a.text, a.json) {
