@@ -148,7 +148,8 @@ summary() {
         STEP_NAMES+=("$CURRENT_STEP")
         STEP_RESULTS+=("FAIL")
     fi
-    count_tests "$LOG_DIR/test.log"
+    cat "$LOG_DIR/test.log" "$LOG_DIR/clients.log" >"$LOG_DIR/all-tests.log" 2>/dev/null || true
+    count_tests "$LOG_DIR/all-tests.log"
     echo
     echo "==================== opt-rs test summary ===================="
     local i passed=0 failed=0 ignored=0 runs=0
@@ -185,6 +186,9 @@ fi
 run_step fmt cargo fmt --all -- --check --color "$RUSTFMT_COLOR"
 run_step clippy cargo clippy --workspace --all-targets -- -D warnings
 run_step test cargo test --workspace --release
+# The server driven by real clients: the `openai` Python package and headless Chromium on the
+# playground (the script installs chromium and a venv when missing).
+run_step clients bash scripts/client_tests.sh
 # The CUDA backend: type-checked and linted on these GPU-less machines (cudarc loads the CUDA
 # libraries at run time, so no toolkit is needed), and every kernel source compiled to PTX/SASS
 # for sm_90 with NVRTC from the nvidia-cuda-nvrtc wheel.

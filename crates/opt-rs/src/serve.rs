@@ -1,0 +1,116 @@
+//! `opt-rs serve`: the OpenAI/metaseq-compatible completions server (crate `opt-serve`) on a
+//! model folder. This file only parses arguments, loads the model and tokenizer, and starts the
+//! server; everything else lives in the library.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use opt_model::{OptConfig, OptModel};
+use opt_serve::{EngineOptions, Server, ServerOptions};
+use opt_tensor::{CpuBackend, DType};
+
+/// Environment variable read for the API key when `--api-key` is not given (keeps the key out
+/// of the process list).
+const API_KEY_ENV: &str = "OPT_RS_API_KEY";
+
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    /// HF model folder (config.json + weights).
+    #[arg(long, required_unless_present = "random_preset")]
+    model: Option<PathBuf>,
+    /// Benchmarks: random weights of a preset (tiny, 125m, ...) with the bundled tokenizer
+    /// instead of --model.
+    #[arg(long, conflicts_with = "model")]
+    random_preset: Option<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// TCP port (0 = any free port; the chosen address is printed).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer KEY` on the API routes (default: $OPT_RS_API_KEY if set).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The model id clients use (default: the model folder's name).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Weight dtype on load (compute is f32 on CPU).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// Tokenizer folder (default: the model folder if it has one, else the bundled OPT tokenizer).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// KV-cache memory for running sequences, MiB; requests wait for room (admission control).
+    #[arg(long, default_value_t = 2048)]
+    kv_cache_mib: usize,
+    /// Requests that may wait for the batch; more are answered 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Sequences decoded together at most (continuous batch size). Up to 64 the CPU decode step
+    /// stays on its batch-invariant kernel, so a request's output never depends on the batch;
+    /// above 64 it may differ in the last bits.
+    #[arg(long, default_value_t = 64)]
+    max_running: usize,
+}
+
+pub fn run(a: ServeArgs) -> Result<()> {
+    let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
+    let (model, tok, default_name) = match (&a.model, &a.random_preset) {
+        (Some(dir), _) => {
+            let model = OptModel::from_folder(CpuBackend::new(), dir, dtype)
+                .with_context(|| format!("loading model from {}", dir.display()))?;
+            let tok = crate::score::tokenizer_for(dir, a.tokenizer.as_deref())?;
+            let name = std::fs::canonicalize(dir)
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "opt".to_string());
+            (model, tok, name)
+        }
+        (None, Some(preset)) => {
+            let cfg = OptConfig::preset(preset)?;
+            let std = cfg.init_std;
+            let model = OptModel::new_random(CpuBackend::new(), cfg, dtype, std, 0)?;
+            (model, crate::load_tokenizer(a.tokenizer.as_deref())?, format!("opt-{preset}-random"))
+        }
+        (None, None) => bail!("--model is required"),
+    };
+    let api_key = a.api_key.clone().or_else(|| std::env::var(API_KEY_ENV).ok()).filter(|k| !k.is_empty());
+    let options = ServerOptions {
+        served_model_name: a.served_model_name.clone().unwrap_or(default_name),
+        api_key,
+        engine: EngineOptions {
+            kv_cache_bytes: a.kv_cache_mib.saturating_mul(1 << 20),
+            max_queue: a.max_queue,
+            max_running: a.max_running,
+            ..EngineOptions::default()
+        },
+        ..ServerOptions::new("")
+    };
+    if a.max_running > 64 {
+        eprintln!(
+            "warning: --max-running {} > 64: batches that large leave the batch-invariant decode kernel, so outputs may depend on the batch in the last bits",
+            a.max_running
+        );
+    }
+    let name = options.served_model_name.clone();
+    let keyed = options.api_key.is_some();
+    let server = Server::new(model, tok, options)?;
+    let context = server.model_info().context;
+
+    // An IPv6 literal needs brackets before the port.
+    let addr = if a.host.contains(':') && !a.host.starts_with('[') {
+        format!("[{}]:{}", a.host, a.port)
+    } else {
+        format!("{}:{}", a.host, a.port)
+    };
+    server.run_until_ctrl_c(&addr, |local| {
+        // One parseable line on stdout (tests and scripts read the port from it with --port 0).
+        println!("listening on http://{local}");
+        std::io::stdout().flush().ok();
+        eprintln!(
+            "opt-rs serve: model '{name}' (context {context}){}; playground at http://{local}/, API at http://{local}/v1/completions",
+            if keyed { ", API key required" } else { "" }
+        );
+    })?;
+    Ok(())
+}
