@@ -25,39 +25,29 @@ fn map<const S: usize, const D: usize>(src: &[u8], dst: &mut [u8], f: impl Fn([u
 /// non-float `from` leaves `dst` untouched.
 pub(crate) fn convert(src: &[u8], from: FileDType, dst: &mut [u8], to: DType) {
     match (from, to) {
-        (FileDType::F32, DType::F32)
-        | (FileDType::BF16, DType::BF16)
-        | (FileDType::F16, DType::F16) => dst.copy_from_slice(src),
+        (FileDType::F32, DType::F32) | (FileDType::BF16, DType::BF16) | (FileDType::F16, DType::F16) => {
+            dst.copy_from_slice(src)
+        }
         // to f32
-        (FileDType::F64, DType::F32) => map(src, dst, |b: [u8; 8]| {
-            (f64::from_le_bytes(b) as f32).to_le_bytes()
-        }),
-        (FileDType::BF16, DType::F32) => map(src, dst, |b: [u8; 2]| {
-            bf16::from_le_bytes(b).to_f32().to_le_bytes()
-        }),
-        (FileDType::F16, DType::F32) => map(src, dst, |b: [u8; 2]| {
-            f16::from_le_bytes(b).to_f32().to_le_bytes()
-        }),
+        (FileDType::F64, DType::F32) => map(src, dst, |b: [u8; 8]| (f64::from_le_bytes(b) as f32).to_le_bytes()),
+        (FileDType::BF16, DType::F32) => map(src, dst, |b: [u8; 2]| bf16::from_le_bytes(b).to_f32().to_le_bytes()),
+        (FileDType::F16, DType::F32) => map(src, dst, |b: [u8; 2]| f16::from_le_bytes(b).to_f32().to_le_bytes()),
         // to bf16
-        (FileDType::F64, DType::BF16) => map(src, dst, |b: [u8; 8]| {
-            bf16::from_f64(f64::from_le_bytes(b)).to_le_bytes()
-        }),
-        (FileDType::F32, DType::BF16) => map(src, dst, |b: [u8; 4]| {
-            bf16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
-        }),
-        (FileDType::F16, DType::BF16) => map(src, dst, |b: [u8; 2]| {
-            bf16::from_f32(f16::from_le_bytes(b).to_f32()).to_le_bytes()
-        }),
+        (FileDType::F64, DType::BF16) => {
+            map(src, dst, |b: [u8; 8]| bf16::from_f64(f64::from_le_bytes(b)).to_le_bytes())
+        }
+        (FileDType::F32, DType::BF16) => {
+            map(src, dst, |b: [u8; 4]| bf16::from_f32(f32::from_le_bytes(b)).to_le_bytes())
+        }
+        (FileDType::F16, DType::BF16) => {
+            map(src, dst, |b: [u8; 2]| bf16::from_f32(f16::from_le_bytes(b).to_f32()).to_le_bytes())
+        }
         // to f16
-        (FileDType::F64, DType::F16) => map(src, dst, |b: [u8; 8]| {
-            f16::from_f64(f64::from_le_bytes(b)).to_le_bytes()
-        }),
-        (FileDType::F32, DType::F16) => map(src, dst, |b: [u8; 4]| {
-            f16::from_f32(f32::from_le_bytes(b)).to_le_bytes()
-        }),
-        (FileDType::BF16, DType::F16) => map(src, dst, |b: [u8; 2]| {
-            f16::from_f32(bf16::from_le_bytes(b).to_f32()).to_le_bytes()
-        }),
+        (FileDType::F64, DType::F16) => map(src, dst, |b: [u8; 8]| f16::from_f64(f64::from_le_bytes(b)).to_le_bytes()),
+        (FileDType::F32, DType::F16) => map(src, dst, |b: [u8; 4]| f16::from_f32(f32::from_le_bytes(b)).to_le_bytes()),
+        (FileDType::BF16, DType::F16) => {
+            map(src, dst, |b: [u8; 2]| f16::from_f32(bf16::from_le_bytes(b).to_f32()).to_le_bytes())
+        }
         _ => {}
     }
 }

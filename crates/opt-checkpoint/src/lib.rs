@@ -167,10 +167,7 @@ impl FileDType {
 
     /// True for the types [`TensorRef::read_into`] can convert: F64, F32, BF16 and F16.
     pub fn is_readable_float(self) -> bool {
-        matches!(
-            self,
-            FileDType::F64 | FileDType::F32 | FileDType::BF16 | FileDType::F16
-        )
+        matches!(self, FileDType::F64 | FileDType::F32 | FileDType::BF16 | FileDType::F16)
     }
 }
 
@@ -198,16 +195,14 @@ pub enum CheckpointError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)")]
+    #[error(
+        "{path}: no weights found (expected model.safetensors, model.safetensors.index.json or pytorch_model.bin)"
+    )]
     NoWeights { path: PathBuf },
     #[error("{path}: corrupt or truncated file: {detail}")]
     Corrupt { path: PathBuf, detail: String },
     #[error("{path}: tensor '{name}': {detail}")]
-    Tensor {
-        path: PathBuf,
-        name: String,
-        detail: String,
-    },
+    Tensor { path: PathBuf, name: String, detail: String },
     #[error("tensor '{name}' not found (looked in {path})")]
     Missing { path: PathBuf, name: String },
     #[error("{path}: refused to load: {detail}")]
@@ -217,25 +212,15 @@ pub enum CheckpointError {
 pub type Result<T> = std::result::Result<T, CheckpointError>;
 
 pub(crate) fn io_err(path: &Path, source: std::io::Error) -> CheckpointError {
-    CheckpointError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    CheckpointError::Io { path: path.to_path_buf(), source }
 }
 
 pub(crate) fn corrupt(path: &Path, detail: impl Into<String>) -> CheckpointError {
-    CheckpointError::Corrupt {
-        path: path.to_path_buf(),
-        detail: detail.into(),
-    }
+    CheckpointError::Corrupt { path: path.to_path_buf(), detail: detail.into() }
 }
 
 pub(crate) fn tensor_err(path: &Path, name: &str, detail: impl Into<String>) -> CheckpointError {
-    CheckpointError::Tensor {
-        path: path.to_path_buf(),
-        name: name.to_string(),
-        detail: detail.into(),
-    }
+    CheckpointError::Tensor { path: path.to_path_buf(), name: name.to_string(), detail: detail.into() }
 }
 
 /// One tensor of an opened checkpoint: metadata plus its little-endian bytes (borrowed from a
@@ -294,13 +279,7 @@ impl TensorRef<'_> {
             .shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| {
-                tensor_err(
-                    self.file,
-                    self.name,
-                    format!("shape {:?} overflows", self.shape),
-                )
-            })?;
+            .ok_or_else(|| tensor_err(self.file, self.name, format!("shape {:?} overflows", self.shape)))?;
         let src_size = self.dtype.size_in_bits() / 8;
         if numel.checked_mul(src_size) != Some(self.bytes.len()) {
             return Err(tensor_err(
@@ -378,11 +357,7 @@ pub(crate) enum Data {
     /// A byte range of the file's memory map.
     Map { start: usize, len: usize },
     /// A byte range of one of the file's decompressed buffers.
-    Buf {
-        buf: usize,
-        start: usize,
-        len: usize,
-    },
+    Buf { buf: usize, start: usize, len: usize },
     /// Bytes materialised at open time (e.g. a strided view copied to contiguous).
     Owned(Vec<u8>),
 }
@@ -443,12 +418,7 @@ impl Checkpoint {
     pub fn open(path: &Path) -> Result<Checkpoint> {
         let meta = std::fs::metadata(path).map_err(|e| io_err(path, e))?;
         if meta.is_dir() {
-            for name in [
-                SAFETENSORS,
-                SAFETENSORS_INDEX,
-                PYTORCH_BIN,
-                PYTORCH_BIN_INDEX,
-            ] {
+            for name in [SAFETENSORS, SAFETENSORS_INDEX, PYTORCH_BIN, PYTORCH_BIN_INDEX] {
                 let p = path.join(name);
                 if p.is_file() {
                     let mut ck = Self::open_file(&p)?;
@@ -456,25 +426,18 @@ impl Checkpoint {
                     return Ok(ck);
                 }
             }
-            return Err(CheckpointError::NoWeights {
-                path: path.to_path_buf(),
-            });
+            return Err(CheckpointError::NoWeights { path: path.to_path_buf() });
         }
         Self::open_file(path)
     }
 
     fn open_file(path: &Path) -> Result<Checkpoint> {
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         if name.ends_with(".index.json") {
             let (format, loaded) = sharded::load(path)?;
             return Ok(Self::assemble(path, format, loaded));
         }
-        let torch_ext = [".bin", ".pt", ".pth", ".ckpt"]
-            .iter()
-            .any(|e| name.ends_with(e));
+        let torch_ext = [".bin", ".pt", ".pth", ".ckpt"].iter().any(|e| name.ends_with(e));
         let (format, loaded) = if name.ends_with(".safetensors") {
             (CheckpointFormat::Safetensors, safetensors::load(path)?)
         } else if torch_ext || torchzip::looks_like_zip(path)? {
@@ -484,12 +447,7 @@ impl Checkpoint {
         };
         let files = vec![loaded.file];
         let tensors = loaded.tensors.into_iter().collect();
-        Ok(Checkpoint {
-            source: path.to_path_buf(),
-            format,
-            files,
-            tensors,
-        })
+        Ok(Checkpoint { source: path.to_path_buf(), format, files, tensors })
     }
 
     fn assemble(
@@ -497,12 +455,7 @@ impl Checkpoint {
         format: CheckpointFormat,
         (files, tensors): (Vec<LoadedFile>, BTreeMap<String, Entry>),
     ) -> Checkpoint {
-        Checkpoint {
-            source: source.to_path_buf(),
-            format,
-            files,
-            tensors,
-        }
+        Checkpoint { source: source.to_path_buf(), format, files, tensors }
     }
 
     /// All tensor names, sorted.
@@ -529,13 +482,10 @@ impl Checkpoint {
     }
     /// A tensor by its name in the file; `Missing` if absent.
     pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
-        let (key, entry) =
-            self.tensors
-                .get_key_value(name)
-                .ok_or_else(|| CheckpointError::Missing {
-                    path: self.source.clone(),
-                    name: name.to_string(),
-                })?;
+        let (key, entry) = self
+            .tensors
+            .get_key_value(name)
+            .ok_or_else(|| CheckpointError::Missing { path: self.source.clone(), name: name.to_string() })?;
         self.make_ref(key, entry)
     }
     /// All tensors, in name order.
@@ -544,28 +494,17 @@ impl Checkpoint {
     }
 
     fn make_ref<'a>(&'a self, name: &'a str, entry: &'a Entry) -> Result<TensorRef<'a>> {
-        let file = self
-            .files
-            .get(entry.file)
-            .ok_or_else(|| tensor_err(&self.source, name, "internal: bad file index"))?;
+        let file =
+            self.files.get(entry.file).ok_or_else(|| tensor_err(&self.source, name, "internal: bad file index"))?;
         let bytes: Option<&[u8]> = match &entry.data {
-            Data::Map { start, len } => start
-                .checked_add(*len)
-                .and_then(|end| file.map.get(*start..end)),
-            Data::Buf { buf, start, len } => start
-                .checked_add(*len)
-                .and_then(|end| file.bufs.get(*buf).and_then(|b| b.get(*start..end))),
+            Data::Map { start, len } => start.checked_add(*len).and_then(|end| file.map.get(*start..end)),
+            Data::Buf { buf, start, len } => {
+                start.checked_add(*len).and_then(|end| file.bufs.get(*buf).and_then(|b| b.get(*start..end)))
+            }
             Data::Owned(v) => Some(v.as_slice()),
         };
-        let bytes = bytes
-            .ok_or_else(|| tensor_err(&file.path, name, "data range lies outside the file"))?;
-        Ok(TensorRef {
-            name,
-            dtype: entry.dtype,
-            shape: &entry.shape,
-            bytes,
-            file: &file.path,
-        })
+        let bytes = bytes.ok_or_else(|| tensor_err(&file.path, name, "data range lies outside the file"))?;
+        Ok(TensorRef { name, dtype: entry.dtype, shape: &entry.shape, bytes, file: &file.path })
     }
 
     /// Drops the pages of this checkpoint's memory-mapped files from the process's resident
@@ -591,20 +530,9 @@ impl Checkpoint {
     pub fn describe(&self) -> String {
         let n = self.files.len();
         if n > 1 {
-            format!(
-                "{} ({}, {} shards, {} tensors)",
-                self.source.display(),
-                self.format,
-                n,
-                self.tensors.len()
-            )
+            format!("{} ({}, {} shards, {} tensors)", self.source.display(), self.format, n, self.tensors.len())
         } else {
-            format!(
-                "{} ({}, {} tensors)",
-                self.source.display(),
-                self.format,
-                self.tensors.len()
-            )
+            format!("{} ({}, {} tensors)", self.source.display(), self.format, self.tensors.len())
         }
     }
 }

@@ -161,11 +161,7 @@ impl Unpickled {
     }
     /// Looks up a string key in dict `v` (the last occurrence wins, as in Python).
     pub fn get<'a>(&'a self, v: &Value, key: &str) -> Option<&'a Value> {
-        self.dict(v)
-            .iter()
-            .rev()
-            .find(|(k, _)| matches!(k, Value::Str(s) if &**s == key))
-            .map(|(_, v)| v)
+        self.dict(v).iter().rev().find(|(k, _)| matches!(k, Value::Str(s) if &**s == key)).map(|(_, v)| v)
     }
 }
 
@@ -195,9 +191,7 @@ fn resolve_global(module: &str, name: &str) -> Value {
         ("torch._utils", "_rebuild_tensor_v2") => Some(Builtin::RebuildTensorV2),
         ("torch._utils", "_rebuild_tensor_v3") => Some(Builtin::RebuildTensorV3),
         ("torch._utils", "_rebuild_parameter") => Some(Builtin::RebuildParameter),
-        ("torch._utils", "_rebuild_parameter_with_state") => {
-            Some(Builtin::RebuildParameterWithState)
-        }
+        ("torch._utils", "_rebuild_parameter_with_state") => Some(Builtin::RebuildParameterWithState),
         ("torch._tensor", "_rebuild_from_type_v2") => Some(Builtin::RebuildFromTypeV2),
         ("torch", "Size") => Some(Builtin::TorchSize),
         ("builtins" | "__builtin__", "set" | "frozenset") => Some(Builtin::Set),
@@ -262,10 +256,7 @@ pub fn unpickle(data: &[u8]) -> std::result::Result<Unpickled, PickleError> {
         let at = m.pos;
         ops += 1;
         if ops > MAX_OPS {
-            return Err(PickleError {
-                pos: at,
-                msg: "too many opcodes".into(),
-            });
+            return Err(PickleError { pos: at, msg: "too many opcodes".into() });
         }
         match m.step() {
             Ok(true) => {
@@ -302,16 +293,12 @@ impl Machine<'_> {
         Ok(u32::from_le_bytes(self.take_arr()?) as usize)
     }
     fn len_u64(&mut self) -> R<usize> {
-        usize::try_from(u64::from_le_bytes(self.take_arr()?))
-            .map_err(|_| "length overflows".to_string())
+        usize::try_from(u64::from_le_bytes(self.take_arr()?)).map_err(|_| "length overflows".to_string())
     }
     /// A text argument up to (not including) the next `\n`.
     fn line(&mut self) -> R<&str> {
         let rest = self.data.get(self.pos..).unwrap_or_default();
-        let nl = rest
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or("truncated: unterminated text argument")?;
+        let nl = rest.iter().position(|&b| b == b'\n').ok_or("truncated: unterminated text argument")?;
         self.pos += nl + 1;
         let line = rest.get(..nl).unwrap_or_default();
         std::str::from_utf8(line).map_err(|_| "text argument is not UTF-8".to_string())
@@ -320,24 +307,17 @@ impl Machine<'_> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return Err("stack underflow (pop across a MARK)".into());
         }
-        self.stack
-            .pop()
-            .ok_or_else(|| "stack underflow".to_string())
+        self.stack.pop().ok_or_else(|| "stack underflow".to_string())
     }
     fn top_mut(&mut self) -> R<&mut Value> {
         if self.marks.last().is_some_and(|&m| m >= self.stack.len()) {
             return Err("stack underflow (no object above the MARK)".into());
         }
-        self.stack
-            .last_mut()
-            .ok_or_else(|| "stack underflow".to_string())
+        self.stack.last_mut().ok_or_else(|| "stack underflow".to_string())
     }
     /// Pops everything down to the last MARK, and the MARK.
     fn pop_mark(&mut self) -> R<Vec<Value>> {
-        let m = self
-            .marks
-            .pop()
-            .ok_or("MARK expected but none on the stack")?;
+        let m = self.marks.pop().ok_or("MARK expected but none on the stack")?;
         if m > self.stack.len() {
             return Err("corrupt MARK".into());
         }
@@ -351,18 +331,12 @@ impl Machine<'_> {
         Value::Tuple(self.out.tuples.len() - 1)
     }
     fn tuple_items(&self, i: usize) -> Rc<[Value]> {
-        self.out
-            .tuples
-            .get(i)
-            .cloned()
-            .unwrap_or_else(|| Rc::from(Vec::new()))
+        self.out.tuples.get(i).cloned().unwrap_or_else(|| Rc::from(Vec::new()))
     }
     /// Accounts for `n` values copied by an emulated call; bounds the total work.
     fn charge_copy(&mut self, n: usize) -> R<()> {
         self.copied = self.copied.saturating_add(n);
-        let limit = COPY_LIMIT_PER_BYTE
-            .saturating_mul(self.data.len())
-            .saturating_add(1 << 20);
+        let limit = COPY_LIMIT_PER_BYTE.saturating_mul(self.data.len()).saturating_add(1 << 20);
         if self.copied > limit {
             return Err("too much data copied by emulated calls".into());
         }
@@ -382,11 +356,7 @@ impl Machine<'_> {
         Ok(())
     }
     fn memo_get(&mut self, idx: u64) -> R<()> {
-        let v = self
-            .memo
-            .get(&idx)
-            .cloned()
-            .ok_or_else(|| format!("memo key {idx} not found"))?;
+        let v = self.memo.get(&idx).cloned().ok_or_else(|| format!("memo key {idx} not found"))?;
         self.push(v);
         Ok(())
     }
@@ -399,11 +369,7 @@ impl Machine<'_> {
         }
         let neg = bytes.last().is_some_and(|&b| b & 0x80 != 0);
         let ext = if neg { 0xff } else { 0 };
-        if bytes.len() > 8
-            && bytes
-                .get(8..)
-                .is_some_and(|hi| hi.iter().any(|&b| b != ext))
-        {
+        if bytes.len() > 8 && bytes.get(8..).is_some_and(|hi| hi.iter().any(|&b| b != ext)) {
             return Value::Opaque("int too large for 64 bits".into());
         }
         let mut a = [ext; 8];
@@ -480,10 +446,9 @@ impl Machine<'_> {
             Builtin::RebuildTensor | Builtin::RebuildTensorV2 | Builtin::RebuildTensorV3 => {
                 rebuild_tensor(&self.out, &args)
             }
-            Builtin::RebuildParameter | Builtin::RebuildParameterWithState => args
-                .first()
-                .cloned()
-                .ok_or_else(|| "_rebuild_parameter without arguments".to_string()),
+            Builtin::RebuildParameter | Builtin::RebuildParameterWithState => {
+                args.first().cloned().ok_or_else(|| "_rebuild_parameter without arguments".to_string())
+            }
             Builtin::RebuildFromTypeV2 => {
                 // (func, new_type, args, state): the tensor is func(*args); the subclass type
                 // and python state are dropped.
@@ -534,20 +499,14 @@ impl Machine<'_> {
     /// Emulates `persistent_load(pid)` of `torch.load`.
     fn persistent_load(&mut self, pid: Value) -> R<Value> {
         let Value::Tuple(t) = pid else {
-            return Ok(Value::Opaque(
-                format!("persistent id {}", pid.kind()).into(),
-            ));
+            return Ok(Value::Opaque(format!("persistent id {}", pid.kind()).into()));
         };
         let t = self.tuple_items(t);
         match &t[..] {
             [Value::Str(tag), ty, key, loc, numel] if &**tag == "storage" => {
                 let dtype = match ty {
                     Value::Global(Builtin::Storage(d)) => *d,
-                    Value::Opaque(d) => {
-                        return Ok(Value::Opaque(
-                            format!("storage of unsupported type {d}").into(),
-                        ))
-                    }
+                    Value::Opaque(d) => return Ok(Value::Opaque(format!("storage of unsupported type {d}").into())),
                     other => return Err(format!("storage type is {}", other.kind())),
                 };
                 let key = match key {
@@ -563,12 +522,7 @@ impl Machine<'_> {
                     Value::Int(n) if *n >= 0 => *n as u64,
                     other => return Err(format!("storage size is {}", other.kind())),
                 };
-                Ok(Value::Storage(Rc::new(StorageRef {
-                    dtype,
-                    key,
-                    location,
-                    numel,
-                })))
+                Ok(Value::Storage(Rc::new(StorageRef { dtype, key, location, numel })))
             }
             _ => Ok(Value::Opaque("unsupported persistent id".into())),
         }
@@ -614,10 +568,7 @@ impl Machine<'_> {
                 let v = match l {
                     "01" => Value::Bool(true),
                     "00" => Value::Bool(false),
-                    _ => l
-                        .parse::<i64>()
-                        .map(Value::Int)
-                        .unwrap_or_else(|_| Value::Opaque("unparsable INT".into())),
+                    _ => l.parse::<i64>().map(Value::Int).unwrap_or_else(|_| Value::Opaque("unparsable INT".into())),
                 };
                 self.push(v);
             }
@@ -635,10 +586,7 @@ impl Machine<'_> {
             }
             b'L' => {
                 let l = self.line()?.trim().trim_end_matches('L');
-                let v = l
-                    .parse::<i64>()
-                    .map(Value::Int)
-                    .unwrap_or_else(|_| Value::Opaque("unparsable LONG".into()));
+                let v = l.parse::<i64>().map(Value::Int).unwrap_or_else(|_| Value::Opaque("unparsable LONG".into()));
                 self.push(v);
             }
             0x8a => {
@@ -678,31 +626,19 @@ impl Machine<'_> {
             b'T' | b'X' | b'B' => {
                 let n = self.len_u32()?;
                 let b = self.take(n)?;
-                let v = if op == b'B' {
-                    Value::Bytes(b.into())
-                } else {
-                    Self::str_value(b)
-                };
+                let v = if op == b'B' { Value::Bytes(b.into()) } else { Self::str_value(b) };
                 self.push(v);
             }
             b'U' | 0x8c | b'C' => {
                 let n = self.u8()? as usize;
                 let b = self.take(n)?;
-                let v = if op == b'C' {
-                    Value::Bytes(b.into())
-                } else {
-                    Self::str_value(b)
-                };
+                let v = if op == b'C' { Value::Bytes(b.into()) } else { Self::str_value(b) };
                 self.push(v);
             }
             0x8d | 0x8e | 0x96 => {
                 let n = self.len_u64()?;
                 let b = self.take(n)?;
-                let v = if op == 0x8d {
-                    Self::str_value(b)
-                } else {
-                    Value::Bytes(b.into())
-                };
+                let v = if op == 0x8d { Self::str_value(b) } else { Value::Bytes(b.into()) };
                 self.push(v);
             }
             0x97 | 0x98 => return Err("out-of-band buffers are not supported".into()),
@@ -773,11 +709,7 @@ impl Machine<'_> {
             }
             // ---- memo
             b'p' => {
-                let i = self
-                    .line()?
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| "bad PUT index")?;
+                let i = self.line()?.trim().parse::<u64>().map_err(|_| "bad PUT index")?;
                 self.memo_put(i)?;
             }
             b'q' => {
@@ -793,11 +725,7 @@ impl Machine<'_> {
                 self.memo_put(i)?;
             }
             b'g' => {
-                let i = self
-                    .line()?
-                    .trim()
-                    .parse::<u64>()
-                    .map_err(|_| "bad GET index")?;
+                let i = self.line()?.trim().parse::<u64>().map_err(|_| "bad GET index")?;
                 self.memo_get(i)?;
             }
             b'h' => {
@@ -900,10 +828,7 @@ impl Machine<'_> {
             Value::Opaque(d) => Ok(Value::Opaque(call_desc(&d))),
             other => {
                 let _ = args;
-                Err(format!(
-                    "instantiating {}, which is not a class",
-                    other.kind()
-                ))
+                Err(format!("instantiating {}, which is not a class", other.kind()))
             }
         }
     }
@@ -922,10 +847,7 @@ fn as_u64(v: &Value, what: &str) -> R<u64> {
     match v {
         Value::Int(i) if *i >= 0 => Ok(*i as u64),
         Value::Bool(b) => Ok(u64::from(*b)),
-        other => Err(format!(
-            "tensor {what} is {}, not a non-negative int",
-            other.kind()
-        )),
+        other => Err(format!("tensor {what} is {}, not a non-negative int", other.kind())),
     }
 }
 
@@ -950,18 +872,9 @@ fn rebuild_tensor(u: &Unpickled, args: &[Value]) -> R<Value> {
     let size = as_dims(u, size, "size")?;
     let stride = as_dims(u, stride, "stride")?;
     if size.len() != stride.len() {
-        return Err(format!(
-            "tensor size has {} dims but stride has {}",
-            size.len(),
-            stride.len()
-        ));
+        return Err(format!("tensor size has {} dims but stride has {}", size.len(), stride.len()));
     }
-    Ok(Value::Tensor(Rc::new(TensorDesc {
-        storage,
-        offset,
-        size,
-        stride,
-    })))
+    Ok(Value::Tensor(Rc::new(TensorDesc { storage, offset, size, stride })))
 }
 
 #[cfg(test)]
@@ -984,9 +897,7 @@ mod tests {
         let u = unpickle(p).unwrap();
         let top = u.top().clone();
         assert!(matches!(u.get(&top, "a"), Some(Value::Int(1))));
-        let Some(Value::List(l)) = u.get(&top, "b") else {
-            panic!()
-        };
+        let Some(Value::List(l)) = u.get(&top, "b") else { panic!() };
         assert_eq!(u.lists[*l].len(), 3);
         let c = u.get(&top, "c").unwrap();
         assert!(matches!(c, Value::Tuple(_)) && u.tuple(c).len() == 2);
@@ -995,22 +906,10 @@ mod tests {
     #[test]
     fn large_ints() {
         assert!(matches!(Machine::int_from_le(&[0xff]), Value::Int(-1)));
-        assert!(matches!(
-            Machine::int_from_le(&[0x00, 0x80]),
-            Value::Int(-32768)
-        ));
-        assert!(matches!(
-            Machine::int_from_le(&[0xff, 0x00]),
-            Value::Int(255)
-        ));
-        assert!(matches!(
-            Machine::int_from_le(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]),
-            Value::Opaque(_)
-        ));
-        assert!(matches!(
-            Machine::int_from_le(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
-            Value::Int(1)
-        ));
+        assert!(matches!(Machine::int_from_le(&[0x00, 0x80]), Value::Int(-32768)));
+        assert!(matches!(Machine::int_from_le(&[0xff, 0x00]), Value::Int(255)));
+        assert!(matches!(Machine::int_from_le(&[0, 0, 0, 0, 0, 0, 0, 0x80, 0]), Value::Opaque(_)));
+        assert!(matches!(Machine::int_from_le(&[1, 0, 0, 0, 0, 0, 0, 0, 0, 0]), Value::Int(1)));
     }
 
     #[test]

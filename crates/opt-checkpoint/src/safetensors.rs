@@ -63,9 +63,7 @@ pub struct Header {
 pub fn parse(bytes: &[u8]) -> std::result::Result<Header, String> {
     let file_len = bytes.len() as u64;
     let Some(len_bytes) = bytes.get(..8) else {
-        return Err(format!(
-            "file is {file_len} bytes, shorter than the 8-byte header length"
-        ));
+        return Err(format!("file is {file_len} bytes, shorter than the 8-byte header length"));
     };
     let mut n8 = [0u8; 8];
     n8.copy_from_slice(len_bytes);
@@ -77,17 +75,15 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Header, String> {
         ));
     }
     if n > MAX_HEADER_LEN {
-        return Err(format!(
-            "header length {n} exceeds the {MAX_HEADER_LEN}-byte limit"
-        ));
+        return Err(format!("header length {n} exceeds the {MAX_HEADER_LEN}-byte limit"));
     }
     // n <= file_len - 8 <= usize::MAX: these conversions and the slicing below are exact.
     let header_end = 8 + n as usize;
     let header = bytes.get(8..header_end).unwrap_or_default();
     let data_len = bytes.len() - header_end;
 
-    let obj: serde_json::Map<String, Value> = serde_json::from_slice(header)
-        .map_err(|e| format!("header is not a valid JSON object: {e}"))?;
+    let obj: serde_json::Map<String, Value> =
+        serde_json::from_slice(header).map_err(|e| format!("header is not a valid JSON object: {e}"))?;
 
     let mut out = Header::default();
     for (name, v) in obj {
@@ -104,8 +100,7 @@ pub fn parse(bytes: &[u8]) -> std::result::Result<Header, String> {
                 .collect();
             continue;
         }
-        let entry =
-            parse_entry(&name, &v, data_len).map_err(|e| format!("tensor '{name}': {e}"))?;
+        let entry = parse_entry(&name, &v, data_len).map_err(|e| format!("tensor '{name}': {e}"))?;
         out.tensors.push(HeaderEntry {
             name,
             dtype: entry.0,
@@ -127,16 +122,9 @@ fn parse_entry(
     let Value::Object(o) = v else {
         return Err("header entry is not an object".into());
     };
-    let dtype_name = o
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or("missing or non-string \"dtype\"")?;
-    let dtype = FileDType::from_safetensors_name(dtype_name)
-        .ok_or_else(|| format!("unknown dtype {dtype_name:?}"))?;
-    let shape_v = o
-        .get("shape")
-        .and_then(Value::as_array)
-        .ok_or("missing or non-array \"shape\"")?;
+    let dtype_name = o.get("dtype").and_then(Value::as_str).ok_or("missing or non-string \"dtype\"")?;
+    let dtype = FileDType::from_safetensors_name(dtype_name).ok_or_else(|| format!("unknown dtype {dtype_name:?}"))?;
+    let shape_v = o.get("shape").and_then(Value::as_array).ok_or("missing or non-array \"shape\"")?;
     let mut shape = Vec::with_capacity(shape_v.len());
     for d in shape_v {
         let d = d
@@ -145,16 +133,11 @@ fn parse_entry(
             .ok_or_else(|| format!("shape {shape_v:?} has a non-integer or negative dimension"))?;
         shape.push(d);
     }
-    let offs = o
-        .get("data_offsets")
-        .and_then(Value::as_array)
-        .ok_or("missing or non-array \"data_offsets\"")?;
+    let offs = o.get("data_offsets").and_then(Value::as_array).ok_or("missing or non-array \"data_offsets\"")?;
     let (begin, end) = match offs.as_slice() {
         [b, e] => (
-            b.as_u64()
-                .ok_or("data_offsets are not non-negative integers")?,
-            e.as_u64()
-                .ok_or("data_offsets are not non-negative integers")?,
+            b.as_u64().ok_or("data_offsets are not non-negative integers")?,
+            e.as_u64().ok_or("data_offsets are not non-negative integers")?,
         ),
         _ => return Err(format!("data_offsets {offs:?} is not [begin, end]")),
     };
@@ -172,9 +155,7 @@ fn parse_entry(
         .and_then(|n| n.checked_mul(dtype.size_in_bits()))
         .ok_or_else(|| format!("shape {shape:?} overflows"))?;
     if !nbits.is_multiple_of(8) {
-        return Err(format!(
-            "shape {shape:?} of {dtype} does not fill a whole number of bytes"
-        ));
+        return Err(format!("shape {shape:?} of {dtype} does not fill a whole number of bytes"));
     }
     let nbytes = nbits / 8;
     // end <= data_len, so both fit in usize.
@@ -196,28 +177,10 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
         .tensors
         .into_iter()
         .map(|t| {
-            (
-                t.name,
-                Entry {
-                    dtype: t.dtype,
-                    shape: t.shape,
-                    file: 0,
-                    data: Data::Map {
-                        start: t.start,
-                        len: t.len,
-                    },
-                },
-            )
+            (t.name, Entry { dtype: t.dtype, shape: t.shape, file: 0, data: Data::Map { start: t.start, len: t.len } })
         })
         .collect();
-    Ok(Loaded {
-        file: LoadedFile {
-            path: path.to_path_buf(),
-            map,
-            bufs: Vec::new(),
-        },
-        tensors,
-    })
+    Ok(Loaded { file: LoadedFile { path: path.to_path_buf(), map, bufs: Vec::new() }, tensors })
 }
 
 #[cfg(test)]
@@ -233,10 +196,8 @@ mod tests {
 
     #[test]
     fn parses_minimal() {
-        let f = file(
-            r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#,
-            &[0; 8],
-        );
+        let f =
+            file(r#"{"__metadata__":{"format":"pt"},"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#, &[0; 8]);
         let h = parse(&f).unwrap();
         assert_eq!(h.tensors.len(), 1);
         assert_eq!(h.tensors[0].shape, vec![2]);
@@ -246,36 +207,15 @@ mod tests {
     #[test]
     fn rejects_bad_entries() {
         for (h, want) in [
-            (
-                r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
-                "needs 12",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
-                "reversed",
-            ),
-            (
-                r#"{"a":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}}"#,
-                "unknown dtype",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#,
-                "negative",
-            ),
-            (
-                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
-                "exceed",
-            ),
-            (
-                r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#,
-                "whole number",
-            ),
+            (r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, "needs 12"),
+            (r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, "reversed"),
+            (r#"{"a":{"dtype":"Q7","shape":[2],"data_offsets":[0,8]}}"#, "unknown dtype"),
+            (r#"{"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}}"#, "negative"),
+            (r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, "exceed"),
+            (r#"{"a":{"dtype":"F4","shape":[3],"data_offsets":[0,2]}}"#, "whole number"),
             (r#"{"a":[1]}"#, "not an object"),
             (r#"[1,2]"#, "JSON object"),
-            (
-                r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,8]}}"#,
-                "overflows",
-            ),
+            (r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,4294967296],"data_offsets":[0,8]}}"#, "overflows"),
         ] {
             let err = parse(&file(h, &[0; 8])).unwrap_err();
             assert!(err.contains(want), "{h}: {err}");

@@ -30,11 +30,7 @@ fn header(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<Vec<u8>> {
     let mut offset = 0usize;
     for t in tensors {
         if t.name == "__metadata__" {
-            return Err(tensor_err(
-                path,
-                &t.name,
-                "the name __metadata__ is reserved",
-            ));
+            return Err(tensor_err(path, &t.name, "the name __metadata__ is reserved"));
         }
         if !seen.insert(t.name.as_str()) {
             return Err(tensor_err(path, &t.name, "appears twice"));
@@ -62,12 +58,7 @@ fn header(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<Vec<u8>> {
         let end = offset + t.bytes.len();
         let name = serde_json::to_string(&t.name)
             .map_err(|e| tensor_err(path, &t.name, format!("name cannot be encoded: {e}")))?;
-        let shape = t
-            .shape
-            .iter()
-            .map(usize::to_string)
-            .collect::<Vec<_>>()
-            .join(",");
+        let shape = t.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         h.push_str(&format!(
             r#",{name}:{{"dtype":"{}","shape":[{shape}],"data_offsets":[{offset},{end}]}}"#,
             t.dtype.safetensors_name()
@@ -85,16 +76,10 @@ fn header(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<Vec<u8>> {
 }
 
 /// Writes `contents` to `path` atomically (temporary file in the same folder, fsync, rename).
-fn write_atomic(
-    path: &Path,
-    contents: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
-) -> Result<()> {
-    let file_name = path.file_name().ok_or_else(|| {
-        io_err(
-            path,
-            std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path"),
-        )
-    })?;
+fn write_atomic(path: &Path, contents: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| io_err(path, std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path")))?;
     let mut tmp_name = file_name.to_os_string();
     tmp_name.push(format!(".tmp-{}", std::process::id()));
     let tmp = path.with_file_name(tmp_name);
@@ -113,11 +98,7 @@ fn write_atomic(
     }
     // Make the rename durable (best effort: not every platform can fsync a directory).
     if let Some(dir) = path.parent() {
-        let dir = if dir.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            dir
-        };
+        let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
         }
@@ -147,11 +128,7 @@ pub fn save_safetensors(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<()> 
 /// [`Checkpoint::open`](crate::Checkpoint::open) prefers over an index) and
 /// `model-*-of-*.safetensors` shards not written now — are removed after the new files are in
 /// place. Returns the paths written: the shards in order, then the index.
-pub fn save_safetensors_sharded(
-    dir: &Path,
-    tensors: &[TensorWrite<'_>],
-    max_shard_bytes: u64,
-) -> Result<Vec<PathBuf>> {
+pub fn save_safetensors_sharded(dir: &Path, tensors: &[TensorWrite<'_>], max_shard_bytes: u64) -> Result<Vec<PathBuf>> {
     fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
     // Pack in order.
     let mut groups: Vec<Vec<&TensorWrite<'_>>> = vec![Vec::new()];
@@ -187,12 +164,7 @@ pub fn save_safetensors_sharded(
         let path = dir.join(&name);
         let owned: Vec<TensorWrite<'_>> = group
             .iter()
-            .map(|t| TensorWrite {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                bytes: t.bytes,
-            })
+            .map(|t| TensorWrite { name: t.name.clone(), dtype: t.dtype, shape: t.shape.clone(), bytes: t.bytes })
             .collect();
         save_safetensors(&path, &owned)?;
         for t in &owned {

@@ -26,25 +26,19 @@ pub(crate) struct Index {
 }
 
 pub(crate) fn parse_index(path: &Path, bytes: &[u8]) -> Result<Index> {
-    let v: Value = serde_json::from_slice(bytes)
-        .map_err(|e| corrupt(path, format!("index is not valid JSON: {e}")))?;
+    let v: Value = serde_json::from_slice(bytes).map_err(|e| corrupt(path, format!("index is not valid JSON: {e}")))?;
     let wm = v
         .get("weight_map")
         .and_then(Value::as_object)
         .ok_or_else(|| corrupt(path, "index has no \"weight_map\" object"))?;
     let mut weight_map = BTreeMap::new();
     for (name, shard) in wm {
-        let shard = shard.as_str().ok_or_else(|| {
-            corrupt(
-                path,
-                format!("weight_map entry for tensor '{name}' is not a file name"),
-            )
-        })?;
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| corrupt(path, format!("weight_map entry for tensor '{name}' is not a file name")))?;
         let rel = Path::new(shard);
-        let plain = !shard.is_empty()
-            && rel
-                .components()
-                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        let plain =
+            !shard.is_empty() && rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
         if !plain {
             return Err(corrupt(
                 path,
@@ -63,10 +57,7 @@ pub(crate) fn load(path: &Path) -> Result<(CheckpointFormat, Assembled)> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
     let index = parse_index(path, &bytes)?;
     let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    let index_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let index_name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let format = if index_name.ends_with(".safetensors.index.json") {
         CheckpointFormat::ShardedSafetensors
     } else {
@@ -76,10 +67,7 @@ pub(crate) fn load(path: &Path) -> Result<(CheckpointFormat, Assembled)> {
     // Shards in name order, each opened once.
     let mut shards: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
     for (name, shard) in &index.weight_map {
-        shards
-            .entry(shard.as_str())
-            .or_default()
-            .push(name.as_str());
+        shards.entry(shard.as_str()).or_default().push(name.as_str());
     }
     let mut files = Vec::with_capacity(shards.len());
     let mut tensors = BTreeMap::new();
@@ -103,10 +91,7 @@ pub(crate) fn load(path: &Path) -> Result<(CheckpointFormat, Assembled)> {
         for name in names {
             let mut entry = in_shard
                 .remove(name)
-                .ok_or_else(|| CheckpointError::Missing {
-                    path: shard_path.clone(),
-                    name: name.to_string(),
-                })?;
+                .ok_or_else(|| CheckpointError::Missing { path: shard_path.clone(), name: name.to_string() })?;
             entry.file = file_idx;
             tensors.insert(name.to_string(), entry);
         }

@@ -92,16 +92,14 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
     let mut bufs: Vec<Vec<u8>> = Vec::new();
     let tensors = {
         let bytes: &[u8] = &map;
-        let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-            .map_err(|e| corrupt(path, format!("bad zip archive: {e}")))?;
+        let mut zip =
+            zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| corrupt(path, format!("bad zip archive: {e}")))?;
 
         let (prefix, unpickled) = unpickle_data_pkl(path, &mut zip)?;
         let wanted = select_state_dict(path, &unpickled)?;
 
         let mut storages: HashMap<String, StorageLoc> = HashMap::new();
-        let mut copy_budget = (bytes.len() as u64)
-            .saturating_mul(4)
-            .saturating_add(COPY_ALLOWANCE);
+        let mut copy_budget = (bytes.len() as u64).saturating_mul(4).saturating_add(COPY_ALLOWANCE);
         let mut tensors = Vec::with_capacity(wanted.len());
         for (name, desc) in wanted {
             let key = &desc.storage.key;
@@ -109,38 +107,24 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
                 Some(l) => *l,
                 None => {
                     let entry = format!("{prefix}data/{key}");
-                    let l =
-                        locate_storage(&mut zip, bytes.len(), &entry, &mut bufs).map_err(|e| {
-                            CheckpointError::Tensor {
-                                path: path.to_path_buf(),
-                                name: name.clone(),
-                                detail: format!("storage {entry}: {e}"),
-                            }
-                        })?;
+                    let l = locate_storage(&mut zip, bytes.len(), &entry, &mut bufs).map_err(|e| {
+                        CheckpointError::Tensor {
+                            path: path.to_path_buf(),
+                            name: name.clone(),
+                            detail: format!("storage {entry}: {e}"),
+                        }
+                    })?;
                     storages.insert(key.clone(), l);
                     l
                 }
             };
-            let entry =
-                materialise(bytes, &bufs, loc, &desc, &mut copy_budget).map_err(|detail| {
-                    CheckpointError::Tensor {
-                        path: path.to_path_buf(),
-                        name: name.clone(),
-                        detail,
-                    }
-                })?;
+            let entry = materialise(bytes, &bufs, loc, &desc, &mut copy_budget)
+                .map_err(|detail| CheckpointError::Tensor { path: path.to_path_buf(), name: name.clone(), detail })?;
             tensors.push((name, entry));
         }
         tensors
     };
-    Ok(Loaded {
-        file: LoadedFile {
-            path: path.to_path_buf(),
-            map,
-            bufs,
-        },
-        tensors,
-    })
+    Ok(Loaded { file: LoadedFile { path: path.to_path_buf(), map, bufs }, tensors })
 }
 
 /// Reads and unpickles `data.pkl` of a PyTorch zip checkpoint without touching its storages.
@@ -154,38 +138,23 @@ pub(crate) fn load(path: &Path) -> Result<Loaded> {
 pub fn read_pickle(path: &Path) -> Result<Unpickled> {
     let map = map_file(path)?;
     if !map.starts_with(b"PK") {
-        return Err(corrupt(
-            path,
-            "not a zip archive (PyTorch's legacy pre-1.6 format is not supported)",
-        ));
+        return Err(corrupt(path, "not a zip archive (PyTorch's legacy pre-1.6 format is not supported)"));
     }
     let bytes: &[u8] = &map;
-    let mut zip = zip::ZipArchive::new(Cursor::new(bytes))
-        .map_err(|e| corrupt(path, format!("bad zip archive: {e}")))?;
+    let mut zip =
+        zip::ZipArchive::new(Cursor::new(bytes)).map_err(|e| corrupt(path, format!("bad zip archive: {e}")))?;
     Ok(unpickle_data_pkl(path, &mut zip)?.1)
 }
 
 /// Finds `<prefix>data.pkl` (preferring exactly one folder level, `archive/data.pkl`), checks
 /// the byte order, and unpickles it. Returns the entry prefix (`archive/`) and the object.
-fn unpickle_data_pkl(
-    path: &Path,
-    zip: &mut zip::ZipArchive<Cursor<&[u8]>>,
-) -> Result<(String, Unpickled)> {
-    let names: Vec<String> = (0..zip.len())
-        .filter_map(|i| {
-            zip.name_for_index(i)
-                .and_then(|r| r.ok())
-                .map(|n| n.into_owned())
-        })
-        .collect();
+fn unpickle_data_pkl(path: &Path, zip: &mut zip::ZipArchive<Cursor<&[u8]>>) -> Result<(String, Unpickled)> {
+    let names: Vec<String> =
+        (0..zip.len()).filter_map(|i| zip.name_for_index(i).and_then(|r| r.ok()).map(|n| n.into_owned())).collect();
     let pkl = names
         .iter()
         .find(|n| n.ends_with("/data.pkl") && n.matches('/').count() == 1)
-        .or_else(|| {
-            names
-                .iter()
-                .find(|n| n.ends_with("/data.pkl") || *n == "data.pkl")
-        })
+        .or_else(|| names.iter().find(|n| n.ends_with("/data.pkl") || *n == "data.pkl"))
         .ok_or_else(|| corrupt(path, "zip archive has no data.pkl (not a torch.save file?)"))?
         .clone();
     let prefix = pkl.strip_suffix("data.pkl").unwrap_or_default().to_string();
@@ -197,17 +166,13 @@ fn unpickle_data_pkl(
         if order.trim() != "little" {
             return Err(corrupt(
                 path,
-                format!(
-                    "byteorder is {:?}; only little-endian checkpoints are supported",
-                    order.trim()
-                ),
+                format!("byteorder is {:?}; only little-endian checkpoints are supported", order.trim()),
             ));
         }
     }
 
     let pkl_bytes = read_entry(zip, &pkl, MAX_PICKLE).map_err(|e| corrupt(path, e))?;
-    let unpickled =
-        pickle::unpickle(&pkl_bytes).map_err(|e| corrupt(path, format!("{pkl}: {e}")))?;
+    let unpickled = pickle::unpickle(&pkl_bytes).map_err(|e| corrupt(path, format!("{pkl}: {e}")))?;
     Ok((prefix, unpickled))
 }
 
@@ -222,9 +187,7 @@ fn read_entry(
         return Err(format!("{name}: {} bytes is too large", f.size()));
     }
     let mut v = Vec::new();
-    f.take(limit + 1)
-        .read_to_end(&mut v)
-        .map_err(|e| format!("{name}: {e}"))?;
+    f.take(limit + 1).read_to_end(&mut v).map_err(|e| format!("{name}: {e}"))?;
     if v.len() as u64 > limit {
         return Err(format!("{name}: too large"));
     }
@@ -238,34 +201,21 @@ fn locate_storage(
     entry: &str,
     bufs: &mut Vec<Vec<u8>>,
 ) -> std::result::Result<StorageLoc, String> {
-    let idx = zip
-        .index_for_name(entry)
-        .ok_or("missing from the zip archive")?;
+    let idx = zip.index_for_name(entry).ok_or("missing from the zip archive")?;
     let (stored, start, size, csize) = {
         let f = zip.by_index_raw(idx).map_err(|e| e.to_string())?;
         if f.encrypted() {
             return Err("encrypted zip entries are not supported".into());
         }
-        (
-            f.compression() == zip::CompressionMethod::Stored,
-            f.data_start(),
-            f.size(),
-            f.compressed_size(),
-        )
+        (f.compression() == zip::CompressionMethod::Stored, f.data_start(), f.size(), f.compressed_size())
     };
     if stored {
         let start = start.ok_or("zip entry has no data offset")?;
-        let end = start
-            .checked_add(csize)
-            .filter(|&e| e <= file_len as u64 && csize == size)
-            .ok_or_else(|| {
-                format!("stored zip entry [{start}, {start}+{csize}) lies outside the file ({file_len} bytes; truncated?)")
-            })?;
+        let end = start.checked_add(csize).filter(|&e| e <= file_len as u64 && csize == size).ok_or_else(|| {
+            format!("stored zip entry [{start}, {start}+{csize}) lies outside the file ({file_len} bytes; truncated?)")
+        })?;
         // end <= file_len: both fit in usize.
-        return Ok(StorageLoc::Map {
-            start: start as usize,
-            len: (end - start) as usize,
-        });
+        return Ok(StorageLoc::Map { start: start as usize, len: (end - start) as usize });
     }
     let f = zip.by_index(idx).map_err(|e| e.to_string())?;
     let mut v = Vec::new();
@@ -273,21 +223,13 @@ fn locate_storage(
     // more than the decompressed data actually needs).
     v.try_reserve(usize::try_from(size.min(1 << 26)).unwrap_or(0))
         .map_err(|_| format!("cannot allocate {size} bytes"))?;
-    f.take(size)
-        .read_to_end(&mut v)
-        .map_err(|e| format!("decompressing: {e}"))?;
+    f.take(size).read_to_end(&mut v).map_err(|e| format!("decompressing: {e}"))?;
     if v.len() as u64 != size {
-        return Err(format!(
-            "decompressed to {} bytes, expected {size}",
-            v.len()
-        ));
+        return Err(format!("decompressed to {} bytes, expected {size}", v.len()));
     }
     let len = v.len();
     bufs.push(v);
-    Ok(StorageLoc::Buf {
-        buf: bufs.len() - 1,
-        len,
-    })
+    Ok(StorageLoc::Buf { buf: bufs.len() - 1, len })
 }
 
 /// Turns a tensor view into an [`Entry`]: borrowed if contiguous, copied otherwise.
@@ -301,11 +243,7 @@ fn materialise(
     let dtype = desc.storage.dtype;
     let esz = (dtype.size_in_bits() / 8) as u64;
     let storage_bytes = loc.len() as u64;
-    let declared = desc
-        .storage
-        .numel
-        .checked_mul(esz)
-        .ok_or("storage size overflows")?;
+    let declared = desc.storage.numel.checked_mul(esz).ok_or("storage size overflows")?;
     if declared > storage_bytes {
         return Err(format!(
             "storage holds {storage_bytes} bytes but declares {} elements of {dtype} ({declared} bytes)",
@@ -318,27 +256,15 @@ fn materialise(
         .iter()
         .map(|&d| usize::try_from(d).map_err(|_| "dimension overflows".to_string()))
         .collect::<std::result::Result<_, _>>()?;
-    let numel = desc
-        .size
-        .iter()
-        .try_fold(1u64, |a, &d| a.checked_mul(d))
-        .ok_or("size overflows")?;
+    let numel = desc.size.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or("size overflows")?;
     let nbytes = numel.checked_mul(esz).ok_or("size overflows")?;
     if numel == 0 {
-        return Ok(Entry {
-            dtype,
-            shape,
-            file: 0,
-            data: Data::Owned(Vec::new()),
-        });
+        return Ok(Entry { dtype, shape, file: 0, data: Data::Owned(Vec::new()) });
     }
     // Largest element index the view touches.
     let mut last = desc.offset;
     for (&d, &s) in desc.size.iter().zip(&desc.stride) {
-        last = (d - 1)
-            .checked_mul(s)
-            .and_then(|x| x.checked_add(last))
-            .ok_or("view extent overflows")?;
+        last = (d - 1).checked_mul(s).and_then(|x| x.checked_add(last)).ok_or("view extent overflows")?;
     }
     if last >= storage_numel {
         return Err(format!(
@@ -349,32 +275,17 @@ fn materialise(
     // Bounds are checked: all byte offsets below are < storage_bytes <= usize::MAX.
     let (base, src): (usize, &[u8]) = match loc {
         StorageLoc::Map { start, len } => (start, map.get(start..start + len).unwrap_or_default()),
-        StorageLoc::Buf { buf, len } => (
-            0,
-            bufs.get(buf).and_then(|b| b.get(..len)).unwrap_or_default(),
-        ),
+        StorageLoc::Buf { buf, len } => (0, bufs.get(buf).and_then(|b| b.get(..len)).unwrap_or_default()),
     };
     let esz = esz as usize;
     let offset_bytes = desc.offset as usize * esz;
     if is_contiguous(&desc.size, &desc.stride) {
         let len = nbytes as usize;
         let data = match loc {
-            StorageLoc::Map { .. } => Data::Map {
-                start: base + offset_bytes,
-                len,
-            },
-            StorageLoc::Buf { buf, .. } => Data::Buf {
-                buf,
-                start: offset_bytes,
-                len,
-            },
+            StorageLoc::Map { .. } => Data::Map { start: base + offset_bytes, len },
+            StorageLoc::Buf { buf, .. } => Data::Buf { buf, start: offset_bytes, len },
         };
-        return Ok(Entry {
-            dtype,
-            shape,
-            file: 0,
-            data,
-        });
+        return Ok(Entry { dtype, shape, file: 0, data });
     }
     if nbytes > *copy_budget {
         return Err(format!(
@@ -383,12 +294,7 @@ fn materialise(
     }
     *copy_budget -= nbytes;
     let out = gather(src, esz, desc.offset as usize, &shape, &desc.stride)?;
-    Ok(Entry {
-        dtype,
-        shape,
-        file: 0,
-        data: Data::Owned(out),
-    })
+    Ok(Entry { dtype, shape, file: 0, data: Data::Owned(out) })
 }
 
 /// Row-major contiguity, ignoring the strides of size-1 dimensions.
@@ -415,8 +321,7 @@ fn gather(
 ) -> std::result::Result<Vec<u8>, String> {
     let numel: usize = shape.iter().product();
     let mut out: Vec<u8> = Vec::new();
-    out.try_reserve_exact(numel * esz)
-        .map_err(|_| format!("cannot allocate {} bytes", numel * esz))?;
+    out.try_reserve_exact(numel * esz).map_err(|_| format!("cannot allocate {} bytes", numel * esz))?;
     let stride: Vec<usize> = stride.iter().map(|&s| s as usize).collect();
     let ndim = shape.len();
     let mut idx = vec![0usize; ndim];
@@ -453,10 +358,7 @@ fn gather(
 /// Picks the state dict (see the module docs) and returns its tensors.
 fn select_state_dict(path: &Path, u: &Unpickled) -> Result<Vec<(String, Rc<TensorDesc>)>> {
     let top = u.top();
-    let unsafe_err = |detail: String| CheckpointError::Unsafe {
-        path: path.to_path_buf(),
-        detail,
-    };
+    let unsafe_err = |detail: String| CheckpointError::Unsafe { path: path.to_path_buf(), detail };
     match top {
         Value::Dict(_) => {}
         Value::Opaque(d) => {
@@ -472,11 +374,7 @@ fn select_state_dict(path: &Path, u: &Unpickled) -> Result<Vec<(String, Rc<Tenso
         }
     }
     let holds_tensor = |v: &Value| u.dict(v).iter().any(|(_, x)| matches!(x, Value::Tensor(_)));
-    let sd = ["model", "state_dict"]
-        .iter()
-        .filter_map(|k| u.get(top, k))
-        .find(|v| holds_tensor(v))
-        .unwrap_or(top);
+    let sd = ["model", "state_dict"].iter().filter_map(|k| u.get(top, k)).find(|v| holds_tensor(v)).unwrap_or(top);
 
     let mut out: Vec<(String, Rc<TensorDesc>)> = Vec::new();
     let mut seen: HashMap<String, usize> = HashMap::new();
@@ -487,10 +385,7 @@ fn select_state_dict(path: &Path, u: &Unpickled) -> Result<Vec<(String, Rc<Tenso
                 if matches!(v, Value::Tensor(_)) {
                     return Err(corrupt(
                         path,
-                        format!(
-                            "state dict has a tensor under {}, not a string key",
-                            other.kind()
-                        ),
+                        format!("state dict has a tensor under {}, not a string key", other.kind()),
                     ));
                 }
                 continue;
@@ -542,19 +437,7 @@ mod tests {
             s
         };
         let storage: Vec<u8> = (0..64).collect();
-        let interesting = [
-            0u64,
-            1,
-            2,
-            3,
-            7,
-            16,
-            63,
-            64,
-            u32::MAX as u64,
-            u64::MAX / 3,
-            u64::MAX,
-        ];
+        let interesting = [0u64, 1, 2, 3, 7, 16, 63, 64, u32::MAX as u64, u64::MAX / 3, u64::MAX];
         for _ in 0..20000 {
             let mut pick = |small: bool| {
                 let r = next();
@@ -569,8 +452,7 @@ mod tests {
             let stride: Vec<u64> = (0..ndim).map(|_| pick(false)).collect();
             let desc = TensorDesc {
                 storage: Rc::new(StorageRef {
-                    dtype: [FileDType::F32, FileDType::BF16, FileDType::U8]
-                        [(pick(true) % 3) as usize],
+                    dtype: [FileDType::F32, FileDType::BF16, FileDType::U8][(pick(true) % 3) as usize],
                     key: "0".into(),
                     location: "cpu".into(),
                     numel: pick(false),
@@ -579,10 +461,7 @@ mod tests {
                 size,
                 stride,
             };
-            let loc = StorageLoc::Map {
-                start: 0,
-                len: storage.len(),
-            };
+            let loc = StorageLoc::Map { start: 0, len: storage.len() };
             if let Ok(e) = materialise(&storage, &[], loc, &desc, &mut (1 << 20)) {
                 let n: usize = e.shape.iter().product();
                 let len = match e.data {
@@ -607,9 +486,6 @@ mod tests {
         // 0-dim
         assert_eq!(gather(&src, 1, 5, &[], &[]).unwrap(), vec![5]);
         // expanded (stride 0)
-        assert_eq!(
-            gather(&src, 2, 1, &[3], &[0]).unwrap(),
-            vec![2, 3, 2, 3, 2, 3]
-        );
+        assert_eq!(gather(&src, 2, 1, &[3], &[0]).unwrap(), vec![2, 3, 2, 3, 2, 3]);
     }
 }

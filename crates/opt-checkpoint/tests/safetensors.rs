@@ -8,8 +8,8 @@ use std::path::Path;
 use common::{f32_bytes, raw_safetensors, Rng};
 use half::{bf16, f16};
 use opt_checkpoint::{
-    save_safetensors, save_safetensors_sharded, Checkpoint, CheckpointError, CheckpointFormat,
-    DType, FileDType, TensorWrite,
+    save_safetensors, save_safetensors_sharded, Checkpoint, CheckpointError, CheckpointFormat, DType, FileDType,
+    TensorWrite,
 };
 
 fn sample_f32(n: usize, seed: u64) -> Vec<f32> {
@@ -20,31 +20,16 @@ fn sample_f32(n: usize, seed: u64) -> Vec<f32> {
 fn to_dtype(xs: &[f32], d: DType) -> Vec<u8> {
     match d {
         DType::F32 => f32_bytes(xs),
-        DType::BF16 => xs
-            .iter()
-            .flat_map(|&x| bf16::from_f32(x).to_le_bytes())
-            .collect(),
-        DType::F16 => xs
-            .iter()
-            .flat_map(|&x| f16::from_f32(x).to_le_bytes())
-            .collect(),
+        DType::BF16 => xs.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+        DType::F16 => xs.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
     }
 }
 
 fn from_dtype(b: &[u8], d: DType) -> Vec<f32> {
     match d {
-        DType::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        DType::BF16 => b
-            .chunks_exact(2)
-            .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        DType::F16 => b
-            .chunks_exact(2)
-            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
+        DType::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        DType::BF16 => b.chunks_exact(2).map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        DType::F16 => b.chunks_exact(2).map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
     }
 }
 
@@ -63,27 +48,12 @@ fn round_trip_all_dtypes_and_conversions() {
     let mut tensors: Vec<TensorWrite<'_>> = DTYPES
         .iter()
         .zip(&bufs)
-        .map(|(&d, b)| TensorWrite {
-            name: format!("model.decoder.t_{d}"),
-            dtype: d,
-            shape: vec![6, 5],
-            bytes: b,
-        })
+        .map(|(&d, b)| TensorWrite { name: format!("model.decoder.t_{d}"), dtype: d, shape: vec![6, 5], bytes: b })
         .collect();
     // scalars and empty tensors too
     let one = 3.5f32.to_le_bytes();
-    tensors.push(TensorWrite {
-        name: "scalar".into(),
-        dtype: DType::F32,
-        shape: vec![],
-        bytes: &one,
-    });
-    tensors.push(TensorWrite {
-        name: "empty".into(),
-        dtype: DType::BF16,
-        shape: vec![0, 4],
-        bytes: &[],
-    });
+    tensors.push(TensorWrite { name: "scalar".into(), dtype: DType::F32, shape: vec![], bytes: &one });
+    tensors.push(TensorWrite { name: "empty".into(), dtype: DType::BF16, shape: vec![0, 4], bytes: &[] });
     save_safetensors(&path, &tensors).unwrap();
 
     // header: 8-byte aligned data section, HF metadata
@@ -93,48 +63,24 @@ fn round_trip_all_dtypes_and_conversions() {
     let header: serde_json::Value = serde_json::from_slice(&raw[8..8 + n]).unwrap();
     assert_eq!(header["__metadata__"]["format"], "pt");
     assert_eq!(header["model.decoder.t_bf16"]["dtype"], "BF16");
-    assert_eq!(
-        header["model.decoder.t_f32"]["data_offsets"],
-        serde_json::json!([0, 120])
-    );
+    assert_eq!(header["model.decoder.t_f32"]["data_offsets"], serde_json::json!([0, 120]));
     // tensors in the given order
-    assert_eq!(
-        header["model.decoder.t_bf16"]["data_offsets"],
-        serde_json::json!([120, 180])
-    );
+    assert_eq!(header["model.decoder.t_bf16"]["data_offsets"], serde_json::json!([120, 180]));
 
     // no temporary file left behind
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
     assert_eq!(leftovers.len(), 1, "{leftovers:?}");
 
-    for opened in [
-        Checkpoint::open(dir.path()).unwrap(),
-        Checkpoint::open(&path).unwrap(),
-    ] {
+    for opened in [Checkpoint::open(dir.path()).unwrap(), Checkpoint::open(&path).unwrap()] {
         assert_eq!(opened.format(), CheckpointFormat::Safetensors);
         assert_eq!(
             opened.names(),
-            vec![
-                "empty",
-                "model.decoder.t_bf16",
-                "model.decoder.t_f16",
-                "model.decoder.t_f32",
-                "scalar"
-            ]
+            vec!["empty", "model.decoder.t_bf16", "model.decoder.t_f16", "model.decoder.t_f32", "scalar"]
         );
         assert!(opened.contains("scalar") && !opened.contains("nope"));
-        assert_eq!(
-            opened.tensor("scalar").unwrap().to_f32_vec().unwrap(),
-            vec![3.5]
-        );
+        assert_eq!(opened.tensor("scalar").unwrap().to_f32_vec().unwrap(), vec![3.5]);
         let e = opened.tensor("empty").unwrap();
-        assert_eq!(
-            (e.dtype, e.shape, e.numel()),
-            (FileDType::BF16, &[0usize, 4][..], 0)
-        );
+        assert_eq!((e.dtype, e.shape, e.numel()), (FileDType::BF16, &[0usize, 4][..], 0));
         assert!(e.to_f32_vec().unwrap().is_empty());
 
         for (&src, buf) in DTYPES.iter().zip(&bufs) {
@@ -161,10 +107,7 @@ fn round_trip_all_dtypes_and_conversions() {
 fn reads_f64_and_refuses_integer_tensors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("x.safetensors");
-    let f64s: Vec<u8> = [1.0f64, -2.5, 1e-3, 70000.0]
-        .iter()
-        .flat_map(|x| x.to_le_bytes())
-        .collect();
+    let f64s: Vec<u8> = [1.0f64, -2.5, 1e-3, 70000.0].iter().flat_map(|x| x.to_le_bytes()).collect();
     let mut data = f64s.clone();
     data.extend_from_slice(&7i64.to_le_bytes());
     data.extend_from_slice(&[1u8, 0]);
@@ -176,25 +119,15 @@ fn reads_f64_and_refuses_integer_tensors() {
     let h = d.to_vec(DType::F16).unwrap();
     assert_eq!(
         h,
-        [1.0f64, -2.5, 1e-3, 70000.0]
-            .iter()
-            .flat_map(|&x| f16::from_f64(x).to_le_bytes())
-            .collect::<Vec<_>>()
+        [1.0f64, -2.5, 1e-3, 70000.0].iter().flat_map(|&x| f16::from_f64(x).to_le_bytes()).collect::<Vec<_>>()
     );
-    assert_eq!(
-        f16::from_le_bytes([h[6], h[7]]),
-        f16::INFINITY,
-        "f16 overflow saturates to inf like torch"
-    );
+    assert_eq!(f16::from_le_bytes([h[6], h[7]]), f16::INFINITY, "f16 overflow saturates to inf like torch");
 
     let ids = ck.tensor("ids").unwrap();
     assert_eq!(ids.dtype, FileDType::I64);
     assert_eq!(ids.bytes, &7i64.to_le_bytes());
     let e = ids.to_f32_vec().unwrap_err();
-    assert!(
-        matches!(&e, CheckpointError::Tensor { name, .. } if name == "ids"),
-        "{e}"
-    );
+    assert!(matches!(&e, CheckpointError::Tensor { name, .. } if name == "ids"), "{e}");
     assert!(err_string(&e).contains("x.safetensors"), "{e}");
     assert!(ck.tensor("mask").unwrap().to_f32_vec().is_err());
     assert_eq!(ck.tensor("q").unwrap().dtype, FileDType::F8E4M3);
@@ -205,30 +138,15 @@ fn length_mismatch_names_the_tensor() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let b = f32_bytes(&[1.0, 2.0, 3.0]);
-    save_safetensors(
-        &path,
-        &[TensorWrite {
-            name: "w".into(),
-            dtype: DType::F32,
-            shape: vec![3],
-            bytes: &b,
-        }],
-    )
-    .unwrap();
+    save_safetensors(&path, &[TensorWrite { name: "w".into(), dtype: DType::F32, shape: vec![3], bytes: &b }]).unwrap();
     let ck = Checkpoint::open(&path).unwrap();
     let t = ck.tensor("w").unwrap();
     let e = t.read_f32_into(&mut [0.0; 2]).unwrap_err();
-    assert!(
-        matches!(&e, CheckpointError::Tensor { name, path: p, .. } if name == "w" && p == &path),
-        "{e}"
-    );
+    assert!(matches!(&e, CheckpointError::Tensor { name, path: p, .. } if name == "w" && p == &path), "{e}");
     let e = t.read_into(&mut [0u8; 7], DType::BF16).unwrap_err();
     assert!(err_string(&e).contains("'w'"), "{e}");
     let e = ck.tensor("absent").unwrap_err();
-    assert!(
-        matches!(&e, CheckpointError::Missing { name, .. } if name == "absent"),
-        "{e}"
-    );
+    assert!(matches!(&e, CheckpointError::Missing { name, .. } if name == "absent"), "{e}");
 }
 
 #[test]
@@ -236,58 +154,26 @@ fn save_validates_input() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.safetensors");
     let b = [0u8; 6];
-    let bad_len = [TensorWrite {
-        name: "w".into(),
-        dtype: DType::F32,
-        shape: vec![2],
-        bytes: &b,
-    }];
+    let bad_len = [TensorWrite { name: "w".into(), dtype: DType::F32, shape: vec![2], bytes: &b }];
     let e = save_safetensors(&path, &bad_len).unwrap_err();
-    assert!(
-        matches!(&e, CheckpointError::Tensor { name, .. } if name == "w"),
-        "{e}"
-    );
+    assert!(matches!(&e, CheckpointError::Tensor { name, .. } if name == "w"), "{e}");
     let dup = [
-        TensorWrite {
-            name: "w".into(),
-            dtype: DType::F16,
-            shape: vec![3],
-            bytes: &b,
-        },
-        TensorWrite {
-            name: "w".into(),
-            dtype: DType::F16,
-            shape: vec![3],
-            bytes: &b,
-        },
+        TensorWrite { name: "w".into(), dtype: DType::F16, shape: vec![3], bytes: &b },
+        TensorWrite { name: "w".into(), dtype: DType::F16, shape: vec![3], bytes: &b },
     ];
     assert!(save_safetensors(&path, &dup).is_err());
     assert!(!path.exists(), "nothing is written when validation fails");
     // names needing JSON escapes survive
-    let odd = [TensorWrite {
-        name: "a \"quoted\"\\name\n".into(),
-        dtype: DType::F16,
-        shape: vec![3],
-        bytes: &b,
-    }];
+    let odd = [TensorWrite { name: "a \"quoted\"\\name\n".into(), dtype: DType::F16, shape: vec![3], bytes: &b }];
     save_safetensors(&path, &odd).unwrap();
-    assert_eq!(
-        Checkpoint::open(&path).unwrap().names(),
-        vec!["a \"quoted\"\\name\n"]
-    );
+    assert_eq!(Checkpoint::open(&path).unwrap().names(), vec!["a \"quoted\"\\name\n"]);
 }
 
 #[test]
 fn sharded_round_trip() {
     let dir = tempfile::tempdir().unwrap();
-    let vals: Vec<Vec<f32>> = (0..7)
-        .map(|i| sample_f32(10 + i * 3, 100 + i as u64))
-        .collect();
-    let bufs: Vec<Vec<u8>> = vals
-        .iter()
-        .enumerate()
-        .map(|(i, v)| to_dtype(v, DTYPES[i % 3]))
-        .collect();
+    let vals: Vec<Vec<f32>> = (0..7).map(|i| sample_f32(10 + i * 3, 100 + i as u64)).collect();
+    let bufs: Vec<Vec<u8>> = vals.iter().enumerate().map(|(i, v)| to_dtype(v, DTYPES[i % 3])).collect();
     let tensors: Vec<TensorWrite<'_>> = bufs
         .iter()
         .enumerate()
@@ -304,16 +190,12 @@ fn sharded_round_trip() {
     let n = written.len() - 1;
     assert!(n >= 3, "{written:?}");
     for (k, p) in written[..n].iter().enumerate() {
-        assert_eq!(
-            p.file_name().unwrap().to_string_lossy(),
-            format!("model-{:05}-of-{n:05}.safetensors", k + 1)
-        );
+        assert_eq!(p.file_name().unwrap().to_string_lossy(), format!("model-{:05}-of-{n:05}.safetensors", k + 1));
     }
     assert!(written[n].ends_with("model.safetensors.index.json"));
     assert!(!dir.path().join("model.safetensors").exists());
 
-    let index: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&written[n]).unwrap()).unwrap();
+    let index: serde_json::Value = serde_json::from_slice(&std::fs::read(&written[n]).unwrap()).unwrap();
     let total: usize = bufs.iter().map(Vec::len).sum();
     assert_eq!(index["metadata"]["total_size"], serde_json::json!(total));
     assert_eq!(index["weight_map"].as_object().unwrap().len(), 7);
@@ -335,10 +217,8 @@ fn sharded_round_trip() {
     // re-saving with fewer shards removes the now-stale ones
     let written2 = save_safetensors_sharded(dir.path(), &tensors, u64::MAX).unwrap();
     assert_eq!(written2.len(), 2);
-    let files: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().into_string().unwrap())
-        .collect();
+    let files: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
     assert_eq!(files.len(), 2, "{files:?}");
     let ck = Checkpoint::open(dir.path()).unwrap();
     assert_eq!(ck.files().len(), 1);
@@ -351,25 +231,18 @@ fn index_pointing_to_missing_shard() {
     let b = f32_bytes(&[1.0]);
     save_safetensors(
         &dir.path().join("a.safetensors"),
-        &[TensorWrite {
-            name: "x".into(),
-            dtype: DType::F32,
-            shape: vec![1],
-            bytes: &b,
-        }],
+        &[TensorWrite { name: "x".into(), dtype: DType::F32, shape: vec![1], bytes: &b }],
     )
     .unwrap();
-    let index = r#"{"metadata":{"total_size":8},"weight_map":{"x":"a.safetensors","y":"model-00002-of-00002.safetensors"}}"#;
+    let index =
+        r#"{"metadata":{"total_size":8},"weight_map":{"x":"a.safetensors","y":"model-00002-of-00002.safetensors"}}"#;
     std::fs::write(dir.path().join("model.safetensors.index.json"), index).unwrap();
     let e = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
         matches!(&e, CheckpointError::Io { path, .. } if path.ends_with("model-00002-of-00002.safetensors")),
         "{e}"
     );
-    assert!(
-        err_string(&e).contains("model-00002-of-00002.safetensors"),
-        "{e}"
-    );
+    assert!(err_string(&e).contains("model-00002-of-00002.safetensors"), "{e}");
 
     // a tensor listed for a shard that does not hold it
     let index = r#"{"weight_map":{"x":"a.safetensors","z":"a.safetensors"}}"#;
@@ -387,11 +260,7 @@ fn index_pointing_to_missing_shard() {
     assert!(matches!(&e, CheckpointError::Corrupt { .. }), "{e}");
 
     // a broken index
-    std::fs::write(
-        dir.path().join("model.safetensors.index.json"),
-        b"{\"weight_map\": [",
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("model.safetensors.index.json"), b"{\"weight_map\": [").unwrap();
     let e = Checkpoint::open(dir.path()).unwrap_err();
     assert!(
         matches!(&e, CheckpointError::Corrupt { path, .. } if path.ends_with("model.safetensors.index.json")),
@@ -413,10 +282,7 @@ fn expect_corrupt(path: &Path, what: &str) -> String {
     match Checkpoint::open(path) {
         Err(e @ CheckpointError::Corrupt { .. }) => {
             let s = e.to_string();
-            assert!(
-                s.contains(&path.display().to_string()),
-                "{what}: error does not name the file: {s}"
-            );
+            assert!(s.contains(&path.display().to_string()), "{what}: error does not name the file: {s}");
             s
         }
         Err(e) => panic!("{what}: expected Corrupt, got {e}"),
@@ -433,18 +299,8 @@ fn truncated_files_are_corrupt_not_panics() {
     save_safetensors(
         &good,
         &[
-            TensorWrite {
-                name: "a".into(),
-                dtype: DType::F32,
-                shape: vec![8, 8],
-                bytes: &a,
-            },
-            TensorWrite {
-                name: "b".into(),
-                dtype: DType::BF16,
-                shape: vec![33],
-                bytes: &b,
-            },
+            TensorWrite { name: "a".into(), dtype: DType::F32, shape: vec![8, 8], bytes: &a },
+            TensorWrite { name: "b".into(), dtype: DType::BF16, shape: vec![33], bytes: &b },
         ],
     )
     .unwrap();
@@ -459,10 +315,7 @@ fn truncated_files_are_corrupt_not_panics() {
         if at > data_start + a.len() {
             assert!(msg.contains("tensor 'b'"), "cut at {at}: {msg}");
         } else if at > data_start {
-            assert!(
-                msg.contains("tensor 'a'") || msg.contains("tensor 'b'"),
-                "cut at {at}: {msg}"
-            );
+            assert!(msg.contains("tensor 'a'") || msg.contains("tensor 'b'"), "cut at {at}: {msg}");
         }
     }
 }
@@ -472,11 +325,7 @@ fn corrupt_headers() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.safetensors");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "bad json",
-            raw_safetensors(r#"{"a":{"dtype":"F32","#, &[0; 8]),
-            "JSON",
-        ),
+        ("bad json", raw_safetensors(r#"{"a":{"dtype":"F32","#, &[0; 8]), "JSON"),
         (
             "not utf8",
             {
@@ -498,46 +347,26 @@ fn corrupt_headers() {
         ),
         (
             "offsets past end",
-            raw_safetensors(
-                r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#,
-                &[0; 8],
-            ),
+            raw_safetensors(r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#, &[0; 8]),
             "tensor 'a'",
         ),
         (
             "offset begin past end",
-            raw_safetensors(
-                r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[100,100]}}"#,
-                &[0; 8],
-            ),
+            raw_safetensors(r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[100,100]}}"#, &[0; 8]),
             "tensor 'a'",
         ),
         (
             "size mismatch",
-            raw_safetensors(
-                r#"{"a":{"dtype":"F16","shape":[3],"data_offsets":[0,8]}}"#,
-                &[0; 8],
-            ),
+            raw_safetensors(r#"{"a":{"dtype":"F16","shape":[3],"data_offsets":[0,8]}}"#, &[0; 8]),
             "tensor 'a'",
         ),
-        (
-            "missing shape",
-            raw_safetensors(r#"{"a":{"dtype":"F16","data_offsets":[0,8]}}"#, &[0; 8]),
-            "shape",
-        ),
+        ("missing shape", raw_safetensors(r#"{"a":{"dtype":"F16","data_offsets":[0,8]}}"#, &[0; 8]), "shape"),
         (
             "unknown dtype",
-            raw_safetensors(
-                r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,8]}}"#,
-                &[0; 8],
-            ),
+            raw_safetensors(r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,8]}}"#, &[0; 8]),
             "F128",
         ),
-        (
-            "bad metadata",
-            raw_safetensors(r#"{"__metadata__":[1]}"#, &[]),
-            "__metadata__",
-        ),
+        ("bad metadata", raw_safetensors(r#"{"__metadata__":[1]}"#, &[]), "__metadata__"),
     ];
     for (what, bytes, want) in cases {
         std::fs::write(&p, bytes).unwrap();
@@ -547,11 +376,7 @@ fn corrupt_headers() {
     // a safetensors file under the HF name inside a folder: the error still names the file
     let folder = dir.path().join("m");
     std::fs::create_dir(&folder).unwrap();
-    std::fs::write(
-        folder.join("model.safetensors"),
-        b"\x10\0\0\0\0\0\0\0{not json}      ",
-    )
-    .unwrap();
+    std::fs::write(folder.join("model.safetensors"), b"\x10\0\0\0\0\0\0\0{not json}      ").unwrap();
     let e = Checkpoint::open(&folder).unwrap_err();
     assert!(e.to_string().contains("model.safetensors"), "{e}");
 }
@@ -561,16 +386,8 @@ fn random_mutations_never_panic() {
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("good.safetensors");
     let a = f32_bytes(&sample_f32(12, 9));
-    save_safetensors(
-        &good,
-        &[TensorWrite {
-            name: "a".into(),
-            dtype: DType::F32,
-            shape: vec![3, 4],
-            bytes: &a,
-        }],
-    )
-    .unwrap();
+    save_safetensors(&good, &[TensorWrite { name: "a".into(), dtype: DType::F32, shape: vec![3, 4], bytes: &a }])
+        .unwrap();
     let full = std::fs::read(&good).unwrap();
     let p = dir.path().join("m.safetensors");
     let mut r = Rng(0xdead_beef);

@@ -69,7 +69,11 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
     let cfg = OptConfig::preset(&a.preset)?;
     let std = cfg.init_std;
     let model = OptModel::new_random(backend, cfg, dtype, std, 0)?;
-    let sys = if model.backend.name() == "cpu" { "opt-rs-cpu".to_string() } else { format!("opt-rs-{}", model.backend.name()) };
+    let sys = if model.backend.name() == "cpu" {
+        "opt-rs-cpu".to_string()
+    } else {
+        format!("opt-rs-{}", model.backend.name())
+    };
     let name = a.preset.as_str();
     let threads = rayon::current_num_threads();
     let want = |w: &str| a.what.iter().any(|x| x == w);
@@ -80,15 +84,13 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
             sync(&model.backend, &l)
         })?;
         emit(json!({"sys": sys, "task": "prefill", "model": name, "dtype": a.dtype, "threads": threads,
-                   "tokens": a.prefill, "logits": "all", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)})
-        );
+                   "tokens": a.prefill, "logits": "all", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)}));
         let dt = time(a.reps, || {
             let l = model.forward(&x, 1, None, None, LogitsMode::Last)?;
             sync(&model.backend, &l)
         })?;
         emit(json!({"sys": sys, "task": "prefill_last", "model": name, "dtype": a.dtype, "threads": threads,
-                   "tokens": a.prefill, "logits": "last", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)})
-        );
+                   "tokens": a.prefill, "logits": "last", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)}));
     }
     if want("decode") {
         let prompt = ids(a.prompt, 2);
@@ -108,8 +110,7 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
         })?;
         let label = format!("generate{}+{}", a.prompt, steps);
         emit(json!({"sys": sys, "task": label, "model": name, "dtype": a.dtype, "threads": threads,
-                   "s": round2(dt), "new_tok_per_s": round1(steps as f64 / dt)})
-        );
+                   "s": round2(dt), "new_tok_per_s": round1(steps as f64 / dt)}));
     }
     Ok(())
 }

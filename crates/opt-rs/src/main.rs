@@ -105,7 +105,10 @@ fn run() -> Result<()> {
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Bench(a) => device::run_on(cli.device, bench::BenchJob(a)),
         _ if cli.device != device::Device::Cpu => {
-            anyhow::bail!("--device {}: this command runs on the CPU only so far (score and bench take --device)", cli.device)
+            anyhow::bail!(
+                "--device {}: this command runs on the CPU only so far (score and bench take --device)",
+                cli.device
+            )
         }
         Cmd::Eval(a) => eval::run(a),
         Cmd::Generate(a) => generate::run(a),

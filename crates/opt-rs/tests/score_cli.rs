@@ -33,7 +33,8 @@ fn score_json_matches_hf_log_probabilities() {
     let logits = ck.tensor("logits").expect("logits").to_f32_vec().expect("f32");
     let (t, v) = (16usize, 512usize);
     let row: Vec<String> = ids[..t].iter().map(|x| x.to_string()).collect();
-    let out = opt_rs(&["score", "--model", "fixtures/pre_ln", "--ids", &row.join(","), "--top-logprobs", "3", "--json"]);
+    let out =
+        opt_rs(&["score", "--model", "fixtures/pre_ln", "--ids", &row.join(","), "--top-logprobs", "3", "--json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let lps = j["token_logprobs"].as_array().expect("array");
@@ -99,12 +100,7 @@ fn tokenize_reads_json_lines() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(b"\"A photo of a cat\"\n\"Hello world\"\n")
-        .expect("write");
+    child.stdin.take().expect("stdin").write_all(b"\"A photo of a cat\"\n\"Hello world\"\n").expect("write");
     let out = child.wait_with_output().expect("wait");
     assert!(out.status.success());
     let lines: Vec<&str> = std::str::from_utf8(&out.stdout).expect("utf8").lines().collect();

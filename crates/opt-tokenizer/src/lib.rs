@@ -156,10 +156,7 @@ impl OptTokenizer {
         if !missing.is_empty() {
             let mut all = vec!["tokenizer.json"];
             all.extend(missing);
-            return Err(TokenizerError::NotFound {
-                dir: dir.to_path_buf(),
-                missing: all,
-            });
+            return Err(TokenizerError::NotFound { dir: dir.to_path_buf(), missing: all });
         }
         let vocab = read_to_string(&vocab_path)?;
         let merges = read_to_string(&merges_path)?;
@@ -181,14 +178,9 @@ impl OptTokenizer {
 
     /// Loads an HF `tokenizer.json` file.
     pub fn from_tokenizer_json(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let mut inner = Tokenizer::from_bytes(&bytes).map_err(|e| TokenizerError::Malformed {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+        let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })?;
+        let mut inner = Tokenizer::from_bytes(&bytes)
+            .map_err(|e| TokenizerError::Malformed { path: path.to_path_buf(), reason: e.to_string() })?;
         inner.with_post_processor(None::<PostProcessorWrapper>);
         Self::finish(inner, path.to_path_buf())
     }
@@ -202,13 +194,10 @@ impl OptTokenizer {
     ) -> Result<Self> {
         let vocab = parse_vocab(vocab_text, vocab_path)?;
         let merges = parse_merges(merges_text, merges_path)?;
-        let model = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| TokenizerError::Malformed {
-                path: merges_path.to_path_buf(),
-                reason: format!("does not fit {}: {e}", vocab_path.display()),
-            })?;
+        let model = BPE::builder().vocab_and_merges(vocab, merges).build().map_err(|e| TokenizerError::Malformed {
+            path: merges_path.to_path_buf(),
+            reason: format!("does not fit {}: {e}", vocab_path.display()),
+        })?;
         let mut inner = Tokenizer::new(model);
         // add_prefix_space = false (OPT), trim_offsets = false, use_regex = true (GPT-2 split).
         inner.with_pre_tokenizer(Some(ByteLevel::new(false, false, true)));
@@ -216,54 +205,33 @@ impl OptTokenizer {
         let origin = origin.to_path_buf();
         for token in [BOS_TOKEN, PAD_TOKEN] {
             if inner.token_to_id(token).is_none() {
-                return Err(TokenizerError::MissingToken {
-                    source_name: vocab_path.to_path_buf(),
-                    token,
-                });
+                return Err(TokenizerError::MissingToken { source_name: vocab_path.to_path_buf(), token });
             }
         }
         // HF's OPT tokenizer registers exactly these two as special (added) tokens; they keep
         // their vocabulary ids.
-        inner
-            .add_special_tokens([
-                AddedToken::from(PAD_TOKEN, true),
-                AddedToken::from(BOS_TOKEN, true),
-            ])
-            .map_err(|e| TokenizerError::Malformed {
+        inner.add_special_tokens([AddedToken::from(PAD_TOKEN, true), AddedToken::from(BOS_TOKEN, true)]).map_err(
+            |e| TokenizerError::Malformed {
                 path: vocab_path.to_path_buf(),
                 reason: format!("cannot register </s> and <pad> as special tokens: {e}"),
-            })?;
+            },
+        )?;
         Self::finish(inner, origin)
     }
 
     fn finish(inner: Tokenizer, origin: PathBuf) -> Result<Self> {
         let id = |token: &'static str| {
-            inner
-                .token_to_id(token)
-                .ok_or_else(|| TokenizerError::MissingToken {
-                    source_name: origin.clone(),
-                    token,
-                })
+            inner.token_to_id(token).ok_or_else(|| TokenizerError::MissingToken { source_name: origin.clone(), token })
         };
         let bos_id = id(BOS_TOKEN)?;
         let pad_id = id(PAD_TOKEN)?;
         let vocab_size = inner.get_vocab_size(true);
-        Ok(Self {
-            inner,
-            bos_id,
-            eos_id: bos_id,
-            pad_id,
-            vocab_size,
-            origin,
-        })
+        Ok(Self { inner, bos_id, eos_id: bos_id, pad_id, vocab_size, origin })
     }
 
     /// Encodes `text` to token ids. With `add_bos`, OPT's BOS `</s>` (id 2) is prepended.
     pub fn encode(&self, text: &str, add_bos: bool) -> Result<Vec<u32>> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let encoding = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         let body = encoding.get_ids();
         let mut ids = Vec::with_capacity(body.len() + usize::from(add_bos));
         if add_bos {
@@ -280,10 +248,7 @@ impl OptTokenizer {
     /// reports the span of the whole character(s) it touches (as HF's `offset_mapping` does), so
     /// consecutive spans may overlap but every span is a valid `&text[start..end]` slice.
     pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<ByteSpan>)> {
-        let encoding = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| TokenizerError::Encode(e.to_string()))?;
+        let encoding = self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))?;
         Ok((encoding.get_ids().to_vec(), encoding.get_offsets().to_vec()))
     }
 
@@ -291,14 +256,8 @@ impl OptTokenizer {
     /// `skip_special_tokens=True`). Ids ≥ [`Self::vocab_size`] (e.g. OPT's padding rows
     /// 50265..50272) decode to nothing rather than failing.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        let known: Vec<u32> = ids
-            .iter()
-            .copied()
-            .filter(|&id| self.is_known(id))
-            .collect();
-        self.inner
-            .decode(&known, skip_special)
-            .map_err(|e| TokenizerError::Decode(e.to_string()))
+        let known: Vec<u32> = ids.iter().copied().filter(|&id| self.is_known(id)).collect();
+        self.inner.decode(&known, skip_special).map_err(|e| TokenizerError::Decode(e.to_string()))
     }
 
     /// The raw BPE token for `id` (e.g. `"Ġcat"` for 4758), or `None` if out of range.
@@ -324,12 +283,7 @@ impl OptTokenizer {
     pub fn token_bytes(&self, id: u32) -> Option<Vec<u8>> {
         let token = self.token_str(id)?;
         // Added tokens (`</s>`, `<pad>`) stand for their literal text.
-        if self
-            .inner
-            .get_added_vocabulary()
-            .simple_id_to_token(id)
-            .is_some()
-        {
+        if self.inner.get_added_vocabulary().simple_id_to_token(id).is_some() {
             return Some(token.into_bytes());
         }
         Some(
@@ -380,31 +334,20 @@ impl OptTokenizer {
 }
 
 fn read_to_string(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    std::fs::read_to_string(path).map_err(|source| TokenizerError::Io { path: path.to_path_buf(), source })
 }
 
 fn parse_vocab(text: &str, path: &Path) -> Result<Vocab> {
-    let malformed = |reason: String| TokenizerError::Malformed {
-        path: path.to_path_buf(),
-        reason,
-    };
-    let vocab: Vocab = serde_json::from_str(text).map_err(|e| {
-        malformed(format!(
-            "expected a JSON object mapping token strings to ids: {e}"
-        ))
-    })?;
+    let malformed = |reason: String| TokenizerError::Malformed { path: path.to_path_buf(), reason };
+    let vocab: Vocab = serde_json::from_str(text)
+        .map_err(|e| malformed(format!("expected a JSON object mapping token strings to ids: {e}")))?;
     if vocab.is_empty() {
         return Err(malformed("the vocabulary is empty".into()));
     }
     let mut seen = HashSet::with_capacity(vocab.len());
     for (token, &id) in &vocab {
         if !seen.insert(id) {
-            return Err(malformed(format!(
-                "id {id} is used twice (one of them by {token:?})"
-            )));
+            return Err(malformed(format!("id {id} is used twice (one of them by {token:?})")));
         }
     }
     Ok(vocab)
@@ -424,10 +367,7 @@ fn parse_merges(text: &str, path: &Path) -> Result<Merges> {
             _ => {
                 return Err(TokenizerError::Malformed {
                     path: path.to_path_buf(),
-                    reason: format!(
-                        "line {}: expected two tokens separated by one space, got {line:?}",
-                        index + 1
-                    ),
+                    reason: format!("line {}: expected two tokens separated by one space, got {line:?}", index + 1),
                 })
             }
         }
@@ -439,18 +379,13 @@ fn parse_merges(text: &str, path: &Path) -> Result<Merges> {
 fn unicode_to_byte(c: char) -> Option<u8> {
     let cp = u32::from(c);
     // Printable bytes map to themselves.
-    let printable = |b: u32| {
-        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
-    };
+    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
     if printable(cp) {
         return u8::try_from(cp).ok();
     }
     // The others map, in byte order, to U+0100, U+0101, ….
     let n = cp.checked_sub(0x100)?;
-    (0u32..=255)
-        .filter(|&b| !printable(b))
-        .nth(usize::try_from(n).ok()?)
-        .and_then(|b| u8::try_from(b).ok())
+    (0u32..=255).filter(|&b| !printable(b)).nth(usize::try_from(n).ok()?).and_then(|b| u8::try_from(b).ok())
 }
 
 #[cfg(test)]
@@ -476,12 +411,8 @@ mod tests {
 
     #[test]
     fn merges_parser_reports_line() {
-        let err = parse_merges("#version: 0.2\na b\nbad\n", Path::new("m/merges.txt"))
-            .expect_err("must fail");
+        let err = parse_merges("#version: 0.2\na b\nbad\n", Path::new("m/merges.txt")).expect_err("must fail");
         let msg = err.to_string();
-        assert!(
-            msg.contains("m/merges.txt") && msg.contains("line 3"),
-            "{msg}"
-        );
+        assert!(msg.contains("m/merges.txt") && msg.contains("line 3"), "{msg}");
     }
 }

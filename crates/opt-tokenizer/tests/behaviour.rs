@@ -18,20 +18,13 @@ const ASSETS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/tokenize
 /// tiling the text, offsets being valid slices that cover the text in order.
 fn check_invariants(tok: &OptTokenizer, text: &str) {
     let ids = tok.encode(text, false).unwrap();
-    assert_eq!(
-        tok.decode(&ids, false).unwrap(),
-        text,
-        "round trip {text:?}"
-    );
+    assert_eq!(tok.decode(&ids, false).unwrap(), text, "round trip {text:?}");
     let mut with_bos = vec![2];
     with_bos.extend(&ids);
     assert_eq!(tok.encode(text, true).unwrap(), with_bos);
     assert!(ids.iter().all(|&id| (id as usize) < tok.vocab_size()));
 
-    let bytes: Vec<u8> = ids
-        .iter()
-        .flat_map(|&id| tok.token_bytes(id).expect("known id"))
-        .collect();
+    let bytes: Vec<u8> = ids.iter().flat_map(|&id| tok.token_bytes(id).expect("known id")).collect();
     assert_eq!(bytes, text.as_bytes(), "token bytes tile {text:?}");
 
     let (ids2, offsets) = tok.encode_with_offsets(text).unwrap();
@@ -41,10 +34,7 @@ fn check_invariants(tok: &OptTokenizer, text: &str) {
     for (i, &(start, end)) in offsets.iter().enumerate() {
         assert!(start <= end && end <= text.len(), "{text:?} span {i}");
         assert!(text.is_char_boundary(start) && text.is_char_boundary(end));
-        assert!(
-            start >= prev.0 && start <= prev.1.max(start),
-            "{text:?} order {i}"
-        );
+        assert!(start >= prev.0 && start <= prev.1.max(start), "{text:?} order {i}");
         if i == 0 {
             assert_eq!(start, 0, "{text:?} starts at 0");
         } else {
@@ -60,11 +50,7 @@ fn check_invariants(tok: &OptTokenizer, text: &str) {
 
 fn tokens(text: &str) -> Vec<String> {
     let t = tok();
-    t.encode(text, false)
-        .unwrap()
-        .into_iter()
-        .map(|id| t.token_str(id).unwrap())
-        .collect()
+    t.encode(text, false).unwrap().into_iter().map(|id| t.token_str(id).unwrap()).collect()
 }
 
 #[test]
@@ -109,10 +95,7 @@ fn special_tokens_in_text_follow_hf_opt() {
     // <s> and <unk> are not special in HF's OPT tokenizer: plain BPE.
     assert_eq!(t.encode("<s>", false).unwrap(), [41552, 29, 15698]);
     assert_eq!(t.encode("<unk>", false).unwrap(), [41552, 6435, 15698]);
-    assert_eq!(
-        t.encode(" <s> hi", false).unwrap(),
-        [28696, 29, 15698, 20280]
-    );
+    assert_eq!(t.encode(" <s> hi", false).unwrap(), [28696, 29, 15698, 20280]);
     let (_, offsets) = t.encode_with_offsets("x</s>y").unwrap();
     assert_eq!(offsets, [(0, 1), (1, 5), (5, 6)]);
 }
@@ -120,14 +103,8 @@ fn special_tokens_in_text_follow_hf_opt() {
 #[test]
 fn decode_skip_special_and_out_of_range_ids() {
     let t = tok();
-    assert_eq!(
-        t.decode(&[2, 31414, 1, 232, 2], false).unwrap(),
-        "</s>Hello<pad> world</s>"
-    );
-    assert_eq!(
-        t.decode(&[2, 31414, 1, 232, 2], true).unwrap(),
-        "Hello world"
-    );
+    assert_eq!(t.decode(&[2, 31414, 1, 232, 2], false).unwrap(), "</s>Hello<pad> world</s>");
+    assert_eq!(t.decode(&[2, 31414, 1, 232, 2], true).unwrap(), "Hello world");
     // <s>/<unk> are ordinary tokens for HF's OPT tokenizer, kept by skip_special.
     assert_eq!(t.decode(&[0, 3], true).unwrap(), "<s><unk>");
     // OPT's padding rows 50265..50272 and anything beyond decode to nothing.
@@ -137,11 +114,7 @@ fn decode_skip_special_and_out_of_range_ids() {
         assert_eq!(t.token_bytes(id), None);
         assert_eq!(t.token_text(id), "");
     }
-    assert_eq!(
-        t.decode(&[50265, 31414, 50271, 232, u32::MAX], false)
-            .unwrap(),
-        "Hello world"
-    );
+    assert_eq!(t.decode(&[50265, 31414, 50271, 232, u32::MAX], false).unwrap(), "Hello world");
     assert_eq!(t.decode(&[], false).unwrap(), "");
 }
 
@@ -346,10 +319,7 @@ fn from_dir_with_vocab_and_merges_matches_bundled() {
     assert_eq!(loaded.vocab_size(), VOCAB_SIZE);
     assert_eq!(loaded.origin(), dir.path());
     for text in ["A photo of a cat", "a</s>b<pad>", "日本語 👍🏽", "  x\n"] {
-        assert_eq!(
-            loaded.encode(text, true).unwrap(),
-            tok().encode(text, true).unwrap()
-        );
+        assert_eq!(loaded.encode(text, true).unwrap(), tok().encode(text, true).unwrap());
     }
     // The vendored assets folder itself loads too.
     assert!(OptTokenizer::from_dir(Path::new(ASSETS)).is_ok());
@@ -359,8 +329,7 @@ fn from_dir_with_vocab_and_merges_matches_bundled() {
 /// post-processor prepending </s>, ByteLevel with trim_offsets=true).
 fn write_hf_tokenizer_json(dir: &Path) {
     let vocab: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(Path::new(ASSETS).join("vocab.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&fs::read_to_string(Path::new(ASSETS).join("vocab.json")).unwrap()).unwrap();
     let merges: Vec<String> = fs::read_to_string(Path::new(ASSETS).join("merges.txt"))
         .unwrap()
         .lines()
@@ -408,22 +377,10 @@ fn from_dir_prefers_hf_tokenizer_json() {
     assert_eq!(loaded.origin(), dir.path().join("tokenizer.json"));
     assert_eq!(loaded.vocab_size(), VOCAB_SIZE);
     assert_eq!((loaded.bos_id(), loaded.pad_id()), (2, 1));
-    for text in [
-        "A photo of a cat",
-        "a </s> b",
-        " <s> hi",
-        "héllo  wörld\n",
-        "👨\u{200d}👩",
-    ] {
+    for text in ["A photo of a cat", "a </s> b", " <s> hi", "héllo  wörld\n", "👨\u{200d}👩"] {
         // No doubled BOS from the file's post-processor, and untrimmed offsets as from bundled.
-        assert_eq!(
-            loaded.encode(text, true).unwrap(),
-            tok().encode(text, true).unwrap()
-        );
-        assert_eq!(
-            loaded.encode_with_offsets(text).unwrap(),
-            tok().encode_with_offsets(text).unwrap()
-        );
+        assert_eq!(loaded.encode(text, true).unwrap(), tok().encode(text, true).unwrap());
+        assert_eq!(loaded.encode_with_offsets(text).unwrap(), tok().encode_with_offsets(text).unwrap());
         let ids = loaded.encode(text, false).unwrap();
         assert_eq!(loaded.decode(&ids, false).unwrap(), text);
     }
@@ -442,16 +399,9 @@ fn from_dir_missing_files_names_the_folder() {
     let msg = err.to_string();
     assert!(matches!(err, TokenizerError::NotFound { .. }));
     assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
-    assert!(
-        msg.contains("vocab.json") && msg.contains("merges.txt"),
-        "{msg}"
-    );
+    assert!(msg.contains("vocab.json") && msg.contains("merges.txt"), "{msg}");
 
-    fs::copy(
-        Path::new(ASSETS).join("vocab.json"),
-        dir.path().join("vocab.json"),
-    )
-    .unwrap();
+    fs::copy(Path::new(ASSETS).join("vocab.json"), dir.path().join("vocab.json")).unwrap();
     let msg = expect_err(dir.path()).to_string();
     assert!(msg.contains("missing: tokenizer.json, merges.txt"), "{msg}");
 
@@ -467,21 +417,11 @@ fn malformed_files_are_named() {
     let vocab = dir.path().join("vocab.json");
     fs::copy(Path::new(ASSETS).join("merges.txt"), &merges).unwrap();
 
-    for bad in [
-        "{not json",
-        "[1, 2, 3]",
-        "{\"a\": \"zero\"}",
-        "{\"a\": -1}",
-        "{}",
-        "{\"a\": 0, \"b\": 0}",
-    ] {
+    for bad in ["{not json", "[1, 2, 3]", "{\"a\": \"zero\"}", "{\"a\": -1}", "{}", "{\"a\": 0, \"b\": 0}"] {
         fs::write(&vocab, bad).unwrap();
         let err = expect_err(dir.path());
         let msg = err.to_string();
-        assert!(
-            matches!(err, TokenizerError::Malformed { .. }),
-            "{bad}: {msg}"
-        );
+        assert!(matches!(err, TokenizerError::Malformed { .. }), "{bad}: {msg}");
         assert!(msg.contains(&vocab.display().to_string()), "{bad}: {msg}");
     }
 
@@ -489,10 +429,7 @@ fn malformed_files_are_named() {
     fs::copy(Path::new(ASSETS).join("vocab.json"), &vocab).unwrap();
     fs::write(&merges, "#version: 0.2\nĠ t\nthree parts here\n").unwrap();
     let msg = expect_err(dir.path()).to_string();
-    assert!(
-        msg.contains(&merges.display().to_string()) && msg.contains("line 3"),
-        "{msg}"
-    );
+    assert!(msg.contains(&merges.display().to_string()) && msg.contains("line 3"), "{msg}");
     fs::write(&merges, "#version: 0.2\nnotatoken alsonot\n").unwrap();
     let msg = expect_err(dir.path()).to_string();
     assert!(msg.contains(&merges.display().to_string()), "{msg}");

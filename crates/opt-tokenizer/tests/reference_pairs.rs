@@ -45,29 +45,16 @@ fn pairs() -> PairsFile {
 #[test]
 fn every_published_pair_matches() {
     let file = pairs();
-    assert!(
-        file.about.contains("prefix"),
-        "convention documented in _about"
-    );
+    assert!(file.about.contains("prefix"), "convention documented in _about");
     assert!(file.cases.len() >= 9);
     let tok = tok();
     for case in &file.cases {
         let ctx = format!("{:?} ({})", case.text, case.tokenizer);
         // The stated prefix/suffix are the special tokens that source's tokenizer added.
-        assert!(
-            case.ids.starts_with(&case.prefix),
-            "{ctx}: ids start with prefix"
-        );
-        assert!(
-            case.ids.ends_with(&case.suffix),
-            "{ctx}: ids end with suffix"
-        );
+        assert!(case.ids.starts_with(&case.prefix), "{ctx}: ids start with prefix");
+        assert!(case.ids.ends_with(&case.suffix), "{ctx}: ids end with suffix");
         let body = &case.ids[case.prefix.len()..case.ids.len() - case.suffix.len()];
-        assert_eq!(
-            tok.encode(&case.text, false).unwrap(),
-            body,
-            "{ctx}: body ids"
-        );
+        assert_eq!(tok.encode(&case.text, false).unwrap(), body, "{ctx}: body ids");
 
         match (case.prefix.as_slice(), case.suffix.as_slice()) {
             // OPT convention: </s> prepended, which is exactly what add_bos does.
@@ -83,10 +70,7 @@ fn every_published_pair_matches() {
             }
             // A custom BOS chosen by the user (a vocabulary word), no suffix.
             ([custom], []) => {
-                assert!(
-                    (*custom as usize) < tok.vocab_size(),
-                    "{ctx}: custom bos in vocab"
-                );
+                assert!((*custom as usize) < tok.vocab_size(), "{ctx}: custom bos in vocab");
                 let mut ids = vec![*custom];
                 ids.extend(tok.encode(&case.text, false).unwrap());
                 assert_eq!(ids, case.ids, "{ctx}");
@@ -101,24 +85,15 @@ fn every_published_pair_matches() {
 #[test]
 fn custom_bos_case_is_the_word_bos() {
     let file = pairs();
-    let case = file
-        .cases
-        .iter()
-        .find(|c| c.prefix == [31957])
-        .expect("custom bos case present");
+    let case = file.cases.iter().find(|c| c.prefix == [31957]).expect("custom bos case present");
     assert_eq!(tok().token_str(case.prefix[0]).as_deref(), Some("bos"));
 }
 
 #[test]
 fn herlolip_note_full_string() {
     // The note in the pairs file: the full source string with " 418" adds 42928 ('Ġ418').
-    let ids = tok()
-        .encode("Hello world! cécé herlolip 418", false)
-        .unwrap();
-    assert_eq!(
-        ids,
-        [31414, 232, 328, 740, 1140, 12695, 69, 46078, 1588, 42928]
-    );
+    let ids = tok().encode("Hello world! cécé herlolip 418", false).unwrap();
+    assert_eq!(ids, [31414, 232, 328, 740, 1140, 12695, 69, 46078, 1588, 42928]);
     assert_eq!(tok().token_str(42928).as_deref(), Some("Ġ418"));
 }
 
@@ -136,10 +111,7 @@ fn special_token_case_pieces() {
         assert_eq!(tok.token_to_id(token), Some(*id));
     }
     assert_eq!(tok.encode("A,", false).unwrap(), case.ids[1..3]);
-    assert_eq!(
-        tok.encode(" AllenNLP sentence.", false).unwrap(),
-        case.ids[4..9]
-    );
+    assert_eq!(tok.encode(" AllenNLP sentence.", false).unwrap(), case.ids[4..9]);
     // In today's OPT tokenizer "<mask>" in text is plain BPE (checked against HF transformers).
     assert_eq!(tok.encode("<mask>", false).unwrap(), [41552, 43776, 15698]);
 }
@@ -160,8 +132,8 @@ struct HfCase {
 
 #[test]
 fn matches_hf_transformers_ids_and_offsets() {
-    let file: HfFile = serde_json::from_str(include_str!("data/hf_reference_cases.json"))
-        .expect("hf_reference_cases.json parses");
+    let file: HfFile =
+        serde_json::from_str(include_str!("data/hf_reference_cases.json")).expect("hf_reference_cases.json parses");
     assert!(file.reference.contains("transformers"));
     let tok = tok();
     let mut handpicked = 0;

@@ -17,10 +17,7 @@ pub fn raw_safetensors(header: &str, data: &[u8]) -> Vec<u8> {
 /// (run e.g. `OPT_CHECKPOINT_FUZZ_ITERS=100000 cargo test -p opt-checkpoint --release` for a
 /// longer search).
 pub fn fuzz_iters(default: usize) -> usize {
-    std::env::var("OPT_CHECKPOINT_FUZZ_ITERS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
+    std::env::var("OPT_CHECKPOINT_FUZZ_ITERS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
 /// A deterministic xorshift generator (no dev-dependency needed for "random" tests).
@@ -129,21 +126,12 @@ impl Pickle {
     ) -> &mut Self {
         self.global("torch._utils", "_rebuild_tensor_v2");
         self.mark();
-        self.mark()
-            .str("storage")
-            .global("torch", storage)
-            .str(key)
-            .str("cpu")
-            .int(numel as i64)
-            .tuple()
-            .op(b'Q');
+        self.mark().str("storage").global("torch", storage).str(key).str("cpu").int(numel as i64).tuple().op(b'Q');
         self.int(offset as i64);
         self.ints_tuple(size);
         self.ints_tuple(stride);
         self.op(0x89);
-        self.global("collections", "OrderedDict")
-            .empty_tuple()
-            .reduce();
+        self.global("collections", "OrderedDict").empty_tuple().reduce();
         self.tuple().reduce()
     }
 }
@@ -156,11 +144,7 @@ pub struct ZipEntry<'a> {
 }
 
 pub fn entry<'a>(name: &str, data: &'a [u8]) -> ZipEntry<'a> {
-    ZipEntry {
-        name: name.to_string(),
-        data,
-        deflate: false,
-    }
+    ZipEntry { name: name.to_string(), data, deflate: false }
 }
 
 /// Writes a zip archive (stored entries 64-byte aligned, like torch).
@@ -183,17 +167,8 @@ pub fn write_zip(path: &Path, entries: &[ZipEntry<'_>]) {
 
 /// Writes a torch-style checkpoint: `<prefix>/data.pkl`, `<prefix>/byteorder`,
 /// `<prefix>/data/<key>` for each storage.
-pub fn write_torch_zip(
-    path: &Path,
-    prefix: &str,
-    pkl: &[u8],
-    storages: &[(&str, &[u8])],
-    deflate: bool,
-) {
-    let mut entries = vec![
-        entry(&format!("{prefix}/data.pkl"), pkl),
-        entry(&format!("{prefix}/byteorder"), b"little"),
-    ];
+pub fn write_torch_zip(path: &Path, prefix: &str, pkl: &[u8], storages: &[(&str, &[u8])], deflate: bool) {
+    let mut entries = vec![entry(&format!("{prefix}/data.pkl"), pkl), entry(&format!("{prefix}/byteorder"), b"little")];
     for (k, d) in storages {
         let mut e = entry(&format!("{prefix}/data/{k}"), d);
         e.deflate = deflate;

@@ -23,9 +23,9 @@
 mod attention;
 mod elementwise;
 mod embedding;
+mod gemv;
 mod loss;
 mod math;
-mod gemv;
 mod matmul;
 mod memory;
 mod norm;
