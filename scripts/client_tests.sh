@@ -65,7 +65,7 @@ fi
 
 log "building the release binary"
 cargo build --release -q -p opt-rs
-export OPT_RS_BIN="$ROOT/target/release/opt-rs"
+export OPT_RS_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/opt-rs"
 
 REPORT="$(mktemp "${TMPDIR:-/tmp}/opt-rs-clients.XXXXXX.xml")"
 trap 'rm -f "$REPORT"' EXIT

@@ -13,7 +13,7 @@ import time
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-BIN = pathlib.Path(os.environ.get("OPT_RS_BIN", ROOT / "target" / "release" / "opt-rs"))
+BIN = pathlib.Path(os.environ.get("OPT_RS_BIN", pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target")) / "release" / "opt-rs"))
 MODEL = pathlib.Path(os.environ.get("OPT_RS_TEST_MODEL", ROOT / "fixtures" / "eval_model"))
 MODEL_NAME = "opt-test"
 API_KEY = "test-key-123"
