@@ -12,7 +12,7 @@ if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null; then
 fi
 
 cargo build --release -p opt-dist --features mpi --example dist_check
-BIN=target/release/examples/dist_check
+BIN="${CARGO_TARGET_DIR:-target}/release/examples/dist_check"
 MPI=(mpirun --allow-run-as-root --oversubscribe)
 # OpenMPI's shared-memory transport needs room in /dev/shm; CI containers are small.
 export OMPI_MCA_btl_vader_single_copy_mechanism=none
