@@ -363,6 +363,12 @@ fn dropout_params(d: Option<&Dropout>) -> (i32, u64, u64, f32, f32) {
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
 
+    fn memory_in_use(&self) -> Option<u64> {
+        self.bind().ok()?;
+        let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+        Some(total.saturating_sub(free) as u64)
+    }
+
     fn name(&self) -> String {
         format!("cuda:{}", self.info.ordinal)
     }

@@ -29,9 +29,18 @@ pub struct BenchArgs {
     /// Timed repetitions (after one warm-up).
     #[arg(long, default_value_t = 5)]
     reps: usize,
-    /// Which parts: prefill, decode (comma-separated).
+    /// Which parts: prefill, decode, train (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "prefill,decode")]
     what: Vec<String>,
+    /// Sequences decoded together (decode), or rows per step (train).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Tokens per row for the training benchmark.
+    #[arg(long, default_value_t = 2048)]
+    seq: usize,
+    /// Timed training steps (after two warm-up steps).
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
 }
 
 fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
@@ -68,7 +77,7 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
     let cfg = OptConfig::preset(&a.preset)?;
     let std = cfg.init_std;
-    let model = OptModel::new_random(backend, cfg, dtype, std, 0)?;
+    let mut model = OptModel::new_random(backend, cfg, dtype, std, 0)?;
     let sys = if model.backend.name() == "cpu" {
         "opt-rs-cpu".to_string()
     } else {
@@ -93,25 +102,104 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
                    "tokens": a.prefill, "logits": "last", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)}));
     }
     if want("decode") {
-        let prompt = ids(a.prompt, 2);
+        let b = a.batch.max(1);
+        let prompt = ids(a.prompt * b, 2);
         let v = model.cfg.vocab_size;
         let steps = a.new_tokens;
         let reps = (a.reps / 2).max(1);
         let dt = time(reps, || {
-            // Greedy: prefill (last logits only), then one token per step with the KV cache.
-            let mut cache = KvCache::new(&model.backend, &model.cfg, 1, prompt.len() + steps)?;
-            let mut logits = model.forward(&prompt, 1, None, Some(&mut cache), LogitsMode::Last)?;
+            // Greedy: prefill (last logits only), then one token per row and step with the KV cache.
+            let mut cache = KvCache::new(&model.backend, &model.cfg, b, a.prompt + steps)?;
+            let mut logits = model.forward(&prompt, b, None, Some(&mut cache), LogitsMode::Last)?;
             for _ in 1..steps {
-                let row = model.backend.to_f32(logits.at(0, v))?;
-                let next = argmax(&row[..v]);
-                logits = model.forward(&[next], 1, None, Some(&mut cache), LogitsMode::Last)?;
+                let rows = model.backend.to_f32(logits.at(0, b * v))?;
+                let next: Vec<u32> = rows.chunks(v).map(argmax).collect();
+                logits = model.forward(&next, b, None, Some(&mut cache), LogitsMode::Last)?;
             }
-            Ok(())
+            sync(&model.backend, &logits)
         })?;
-        let label = format!("generate{}+{}", a.prompt, steps);
-        emit(json!({"sys": sys, "task": label, "model": name, "dtype": a.dtype, "threads": threads,
-                   "s": round2(dt), "new_tok_per_s": round1(steps as f64 / dt)}));
+        let label = if b == 1 { format!("generate{}+{}", a.prompt, steps) } else { "generate".to_string() };
+        emit(json!({"sys": sys, "device": model.backend.name(), "task": label, "model": name, "dtype": a.dtype,
+                   "threads": threads, "batch": b, "prompt": a.prompt, "new": steps,
+                   "s": round2(dt), "new_tok_per_s": round1((b * steps) as f64 / dt)}));
     }
+    if want("train") {
+        train(&a, &mut model, &sys)?;
+    }
+    Ok(())
+}
+
+/// Training steps at `batch × seq` on random tokens: forward, backward, gradient norm and an
+/// AdamW update of f32 master weights (copied back to the storage dtype when that is not f32),
+/// as `opt-rs train` does. The step time is the mean of `--steps` steps after two warm-ups.
+fn train<B: Backend>(a: &BenchArgs, model: &mut OptModel<B>, sys: &str) -> Result<()> {
+    use opt_model::{causal_targets, TrainBatch, TrainState};
+    let be = &model.backend;
+    let (b, t) = (a.batch.max(1), a.seq);
+    if t > model.cfg.max_position_embeddings {
+        anyhow::bail!("--seq {t} exceeds the model's {} positions", model.cfg.max_position_embeddings);
+    }
+    let n_params = model.layout.total();
+    let mut st = TrainState::new(model, b, t)?;
+    let mut grads = be.zeros(DType::F32, n_params)?;
+    let f32_master = model.params.dtype() != DType::F32;
+    let mut master = if f32_master { Some(be.zeros(DType::F32, n_params)?) } else { None };
+    if let Some(m) = master.as_mut() {
+        be.copy(m.vm(), model.params.v())?;
+    }
+    let mut m1 = be.zeros(DType::F32, n_params)?;
+    let mut m2 = be.zeros(DType::F32, n_params)?;
+    let tokens = ids(b * t, 3);
+    let mask = vec![1u8; b * t];
+    let targets = causal_targets(&tokens, &mask, b, t);
+    let count = targets.iter().filter(|&&x| x >= 0).count().max(1);
+    let tb = TrainBatch { ids: &tokens, mask: &mask, targets: &targets, batch: b, seq: t };
+    let mut step_no = 0u64;
+    let mut step = |model: &mut OptModel<B>| -> Result<f64> {
+        step_no += 1;
+        let be = &model.backend;
+        be.fill(grads.vm(), 0.0)?;
+        let (loss, _) = model.forward_backward(&tb, &mut st, &mut grads, Some(1.0 / count as f32), None)?;
+        let norm = be.sum_squares(grads.v())?.sqrt();
+        let clip = if norm > 1.0 { (1.0 / (norm + 1e-6)) as f32 } else { 1.0 };
+        let hp = opt_tensor::AdamW {
+            lr: 1e-4,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: step_no,
+            grad_scale: clip,
+        };
+        match master.as_mut() {
+            Some(mst) => {
+                be.adamw(mst.vm(), grads.v(), m1.vm(), m2.vm(), &hp)?;
+                be.copy(model.params.vm(), mst.v())?;
+            }
+            None => be.adamw(model.params.vm(), grads.v(), m1.vm(), m2.vm(), &hp)?,
+        }
+        Ok(loss / count as f64)
+    };
+    let mut loss = 0.0;
+    for _ in 0..2 {
+        loss = step(model)?;
+    }
+    sync(&model.backend, &model.params)?;
+    let start = Instant::now();
+    for _ in 0..a.steps.max(1) {
+        loss = step(model)?;
+    }
+    sync(&model.backend, &model.params)?;
+    let be = &model.backend;
+    let dt = start.elapsed().as_secs_f64() / a.steps.max(1) as f64;
+    let (l, c) = (model.cfg.num_hidden_layers as f64, model.cfg.hidden_size as f64);
+    let flops_tok = 6.0 * n_params as f64 + 12.0 * l * c * t as f64;
+    let tok_s = (b * t) as f64 / dt;
+    let mem = be.memory_in_use().map(|x| round1(x as f64 / (1u64 << 30) as f64));
+    emit(json!({"sys": sys, "device": be.name(), "task": "train", "model": a.preset, "dtype": a.dtype,
+               "params": n_params, "batch": b, "seq": t, "step_s": (dt * 1e4).round() / 1e4,
+               "tok_per_s": tok_s.round(), "tflops": round1(flops_tok * tok_s / 1e12),
+               "mem_in_use_gb": mem, "loss": round2(loss)}));
     Ok(())
 }
 

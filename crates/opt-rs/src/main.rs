@@ -104,15 +104,15 @@ fn run() -> Result<()> {
         Cmd::Score(a) => device::run_on(cli.device, score::ScoreJob(a)),
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Bench(a) => device::run_on(cli.device, bench::BenchJob(a)),
+        Cmd::Train(a) => device::run_on(cli.device, train::TrainJob(a)),
         _ if cli.device != device::Device::Cpu => {
             anyhow::bail!(
-                "--device {}: this command runs on the CPU only so far (score and bench take --device)",
+                "--device {}: this command runs on the CPU only so far (score, bench and train take --device)",
                 cli.device
             )
         }
         Cmd::Eval(a) => eval::run(a),
         Cmd::Generate(a) => generate::run(a),
-        Cmd::Train(a) => train::run(a),
         Cmd::Data(a) => train::run_data(a),
         Cmd::Export(a) => train::run_export(a),
         Cmd::Convert(a) => convert::run(a),

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use opt_tensor::{CpuBackend, DType};
+use opt_tensor::{Backend, DType};
 use opt_train::config::BadRowPolicy;
 use opt_train::trainer::{EvalReport, Event, Observer, RunInfo, StartOptions, StepOutcome, StepReport};
 use opt_train::{TrainConfig, Trainer};
@@ -31,7 +31,17 @@ pub struct TrainArgs {
     print_config: bool,
 }
 
-pub fn run(a: TrainArgs) -> Result<()> {
+/// `opt-rs train` on the backend `--device` names.
+pub struct TrainJob(pub TrainArgs);
+
+impl crate::device::Job for TrainJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run_with(self.0, backend)
+    }
+}
+
+fn run_with<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     if a.print_config {
         print!("{}", opt_train::DEFAULT_TOML);
         return Ok(());
@@ -46,7 +56,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     let opts = StartOptions { resume: a.resume, fresh: a.fresh };
     let setup = Instant::now();
-    let mut trainer = Trainer::new(cfg, CpuBackend::new(), opts)?;
+    let mut trainer = Trainer::new(cfg, backend, opts)?;
     let mut bar = Bar::new(trainer.config().run.log_every);
     let setup_s = setup.elapsed().as_secs_f64();
     let summary = trainer.run(&mut bar)?;

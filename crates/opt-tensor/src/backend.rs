@@ -203,6 +203,11 @@ pub trait Backend: Send + Sync {
 
     /// A short name for messages ("cpu", "cuda:0").
     fn name(&self) -> String;
+    /// Device memory in use now, in bytes, where the backend can tell (benchmarks' memory
+    /// figure); `None` on the CPU.
+    fn memory_in_use(&self) -> Option<u64> {
+        None
+    }
 
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer.
