@@ -31,10 +31,13 @@ PY
 }
 kernels=$(exe kernels)
 model=$(exe model)
-[[ -n "$kernels" && -n "$model" ]] || { echo "error: test binaries not found" >&2; exit 1; }
+echo "==> cargo test --release -p opt-dist --features nccl --test nccl_gpu --no-run"
+cargo test --release -q -p opt-dist --features nccl --test nccl_gpu --no-run --message-format=json >"$STAGE/build.json"
+nccl=$(exe nccl_gpu)
+[[ -n "$kernels" && -n "$model" && -n "$nccl" ]] || { echo "error: test binaries not found" >&2; exit 1; }
 rm -f "$STAGE/build.json"
 
-for pair in "target/release/opt-rs:opt-rs" "$kernels:opt-cuda-kernels" "$model:opt-cuda-model"; do
+for pair in "target/release/opt-rs:opt-rs" "$kernels:opt-cuda-kernels" "$model:opt-cuda-model" "$nccl:opt-dist-nccl"; do
     src=${pair%%:*}
     dst=${pair##*:}
     echo "==> $src -> $STAGE/$dst.xz"

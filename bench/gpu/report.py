@@ -63,8 +63,8 @@ print(f"\n== ceilings (this call): copy {copy_gbs} GB/s, bf16 matmul {mm_tf} TFL
 print("\n== the issue's table (opt-rs / PyTorch eager, same call)")
 print(f"  {'work':<34} {'PyTorch':>10} {'opt-rs':>10} {'ratio':>7}  {'target':>8}  bound")
 table = [
-    ("train OPT-125m 8x2048 tok/s", "train", "125m", None, 350e3),
-    ("train OPT-1.3b 8x2048 tok/s", "train", "1.3b", None, 55e3),
+    ("train OPT-125m x2048 tok/s", "train", "125m", None, 350e3),
+    ("train OPT-1.3b x2048 tok/s", "train", "1.3b", None, 55e3),
     ("decode OPT-125m b1 tok/s", "gen", "125m", 1, 1500),
     ("decode OPT-1.3b b1 tok/s", "gen", "1.3b", 1, 700),
     ("generate OPT-125m b32 new tok/s", "gen", "125m", 32, 20e3),
@@ -81,12 +81,12 @@ for label, kind, model, batch, target in table:
     ov = o.get(key) if o else None
     hv = h.get(key) if h else None
     ratio = f"{ov / hv:.2f}x" if ov and hv else "-"
-    bound = ""
+    bound = f"[batch {h.get('batch') if h else '-'}/{o.get('batch') if o else '-'}] " if kind == "train" else ""
     L, H, D, N = SIZES[model]
     if ov and kind == "train":
         flops_tok = 6 * N + 12 * L * D * 2048
         tf = flops_tok * ov / 1e12
-        bound = f"{tf:.0f} TFLOP/s" + (f" = {tf / mm_tf:.0%} of matmul" if mm_tf else "")
+        bound += f"{tf:.0f} TFLOP/s" + (f" = {tf / mm_tf:.0%} of matmul" if mm_tf else "")
     elif ov and kind == "gen":
         # each decode step reads every bf16 weight once (batch shares the read)
         gbs = 2 * N * ov / batch / 1e9
@@ -94,17 +94,18 @@ for label, kind, model, batch, target in table:
     fmt = lambda v: f"{v:>10.0f}" if v else f"{'-':>10}"
     print(f"  {label:<34} {fmt(hv)} {fmt(ov)} {ratio:>7}  {target:>8.0f}  {bound}")
 
-print("\n== loss curves, 20 steps, f32 (CPU vs CUDA)")
-curves = {}
-for dev in ("cpu", "cuda"):
-    path = os.path.join(out, f"train-{dev}", "logbook.jsonl")
-    if os.path.exists(path):
-        curves[dev] = {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r.get("kind") == "train"}
-if len(curves) == 2 and curves["cpu"]:
-    steps = sorted(set(curves["cpu"]) & set(curves["cuda"]))
-    worst = max((abs(curves["cpu"][s] - curves["cuda"][s]) / abs(curves["cpu"][s]) for s in steps), default=None)
-    for s in steps[:: max(1, len(steps) // 5)]:
-        print(f"  step {s:>3}: cpu {curves['cpu'][s]:.6f}  cuda {curves['cuda'][s]:.6f}")
-    print(f"  max relative difference over {len(steps)} steps: {worst:.2e}" if worst is not None else "  no common steps")
-else:
-    print("  (missing: see train_parity_*.log)")
+for prec, prefix in (("f32", "train-"), ("bf16", "train-bf16-")):
+    print(f"\n== loss curves, 20 steps, {prec} (CPU vs CUDA)")
+    curves = {}
+    for dev in ("cpu", "cuda"):
+        path = os.path.join(out, f"{prefix}{dev}", "logbook.jsonl")
+        if os.path.exists(path):
+            curves[dev] = {r["step"]: r["loss"] for r in map(json.loads, open(path)) if r.get("kind") == "train"}
+    if len(curves) == 2 and curves["cpu"]:
+        steps = sorted(set(curves["cpu"]) & set(curves["cuda"]))
+        worst = max((abs(curves["cpu"][s] - curves["cuda"][s]) / abs(curves["cpu"][s]) for s in steps), default=None)
+        for s in steps[:: max(1, len(steps) // 5)]:
+            print(f"  step {s:>3}: cpu {curves['cpu'][s]:.6f}  cuda {curves['cuda'][s]:.6f}")
+        print(f"  max relative difference over {len(steps)} steps: {worst:.2e}" if worst is not None else "  no common steps")
+    else:
+        print(f"  (missing: see the {prefix}* logs)")

@@ -72,18 +72,27 @@ step gpu 20 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.s
 export RUST_BACKTRACE=1
 step kernels 100 "$BIN/opt-cuda-kernels" --ignored --test-threads=1
 step model 60 "$BIN/opt-cuda-model" --ignored --test-threads=1
+# NCCL: the image's PyTorch ships libnccl (nvidia-nccl wheel); cudarc opens it at run time.
+NCCL_DIR=$(dirname "$(find /opt /usr -name 'libnccl.so*' 2>/dev/null | head -n 1)" 2>/dev/null)
+[[ -n "$NCCL_DIR" && -d "$NCCL_DIR" ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$NCCL_DIR"
+step nccl 60 "$BIN/opt-dist-nccl" --ignored --test-threads=1 --nocapture
+step score_parity 60 python3 bench/gpu/score_parity.py "$OPT"
 
 # ---- 4. the table, opt-rs first (bf16 weights / bf16 GEMMs with f32 master weights) ----------
+step ors_train_125m 60 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what train --batch 8 --seq 2048 --steps 5
 step ors_decode_125m 40 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 128 --reps 2
 step ors_generate_125m_b32 40 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 32 --prompt 128 --new-tokens 128 --reps 2
 step ors_decode_1.3b 60 "$OPT" bench --device cuda --preset 1.3b --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 128 --reps 2
-step ors_train_125m 60 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what train --batch 8 --seq 2048 --steps 5
-# 8 x 2048 does not fit 1.3b while attention keeps its probabilities (24 x 4.3 GB): batch 2.
+# 8 x 2048 does not fit 1.3b while attention keeps its probabilities (24 x 4.3 GB f32).
 step ors_train_1.3b_b2 60 "$OPT" bench --device cuda --preset 1.3b --dtype bf16 --what train --batch 2 --seq 2048 --steps 3
+# where the time goes: every operation synchronised and timed (slower than the runs above)
+step prof_train_125m 40 env OPT_RS_CUDA_PROFILE=1 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what train --batch 8 --seq 2048 --steps 1
+step prof_decode_125m 40 env OPT_RS_CUDA_PROFILE=1 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 64 --reps 2
+step prof_generate_125m_b32 40 env OPT_RS_CUDA_PROFILE=1 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 32 --prompt 128 --new-tokens 32 --reps 2
 
 # ---- 5. the ceilings and the PyTorch peer, same call ---------------------------------------
 step ceilings 40 python3 bench/gpu/ceilings.py
-step hf_generate 90 python3 bench/gpu/hf_gpu_baseline.py gen:125m gen:1.3b
+step hf_generate 120 python3 bench/gpu/hf_gpu_baseline.py gen:125m gen:1.3b
 step hf_train 90 python3 bench/gpu/hf_gpu_baseline.py train:125m train:1.3b
 
 # ---- 6. loss curves, CPU against CUDA, f32 -------------------------------------------------
@@ -92,9 +101,20 @@ for dev in cpu cuda; do
         --set train.max_steps=20 --set run.log_every=1 --set train.precision=f32 \
         --set run.dir="$OUT/train-$dev"
 done
+# ... and in bf16 mixed precision (CPU: bf16-rounded weights and gradients; CUDA: bf16 products)
+for dev in cpu cuda; do
+    step "train_bf16_$dev" 60 "$OPT" train --device "$dev" --fresh \
+        --set train.max_steps=20 --set run.log_every=1 --set train.precision=bf16 \
+        --set run.dir="$OUT/train-bf16-$dev"
+done
 
 # ---- 7. table --------------------------------------------------------------------------------
+for p in prof_train_125m prof_decode_125m prof_generate_125m_b32; do
+    echo "== $p"
+    sed -n '/CUDA profile/,$p' "$OUT/$p.log" | head -n 24
+done
+grep -h '"score_parity"\|^step \|test result' "$OUT/score_parity.log" "$OUT/nccl.log" 2>/dev/null
 python3 bench/gpu/report.py "$RES" "$OUT" | tee "$OUT/table.txt"
 echo "total $((SECONDS - START)) s; results in $OUT"
 # The device tool brings back at most 8 files: pack the logs and run folders into one.
-(cd "$OUT" && tar czf logs.tgz -- *.log train-* 2>/dev/null && rm -rf -- *.log train-*)
+(cd "$OUT" && rm -rf train-*/checkpoints && tar czf logs.tgz -- *.log train-* 2>/dev/null && rm -rf -- *.log train-*)

@@ -192,7 +192,8 @@ extern "C" __global__ void attention_dropout_probs(float* pd, const float* pr, u
 // dP' = dO . V^T; with dropout dP = dP' * factor; then ds = scale * P * (dP - sum_j P dP).
 // `base_row` is the row's flat offset (in rows) into [B, NH, Tq].
 extern "C" __global__ void attention_softmax_backward(float* ds, const float* pr, u32 tk, float scale, int has_drop,
-                                                      u64 base_row, u64 seed, u64 doff, float p, float dscale) {
+                                                      u64 base_row, u64 seed, u64 doff, float p, float dscale,
+                                                      u16* ds16) {
     __shared__ double buf[256];
     const u64 row = blockIdx.x;
     float* d = ds + row * tk;
@@ -208,5 +209,60 @@ extern "C" __global__ void attention_softmax_backward(float* ds, const float* pr
         s += (double)(pp[j] * dp);
     }
     const float dot = (float)block_sum_f64(s, buf);
-    for (u32 j = threadIdx.x; j < tk; j += blockDim.x) d[j] = pp[j] * (d[j] - dot) * scale;
+    if (ds16 != 0) {
+        // Mixed precision: dS as bf16, the operand of the dQ and dK products.
+        u16* d16 = ds16 + row * tk;
+        for (u32 j = threadIdx.x; j < tk; j += blockDim.x) d16[j] = f32_to_bf16(pp[j] * (d[j] - dot) * scale);
+    } else {
+        for (u32 j = threadIdx.x; j < tk; j += blockDim.x) d[j] = pp[j] * (d[j] - dot) * scale;
+    }
+}
+
+// ---- mixed precision (bf16 products on tensor cores through cuBLAS) ---------------------------
+// The forward pass computes S = scale * Q.K^T per batch element with one strided-batched bf16
+// product over heads (f32 out), then this softmax, then O = P'.V with a second product. The
+// T x T scores of one batch element are materialised (the saved probabilities need them anyway).
+
+// Softmax of one row of S, one block of 256 threads per row of one batch element's [NH, Tq, Tk]
+// block: `s` (scaled scores) is overwritten with the probabilities (pre-dropout, as saved for
+// the backward pass); `pd` receives them times the dropout factor, as bf16. `mask` is this batch
+// element's key mask row (0 = none). Masking and fully masked rows follow attention_forward.
+extern "C" __global__ void attention_softmax_mixed(float* s, u16* pd, const u8* mask, u32 tq, u32 tk, u32 q_offset,
+                                                   int has_drop, u64 base_row, u64 seed, u64 doff, float p,
+                                                   float dscale) {
+    __shared__ float buf[256];
+    const u64 row = blockIdx.x;
+    const u32 i = (u32)(row % tq);
+    float* x = s + row * tk;
+    u16* y = pd + row * tk;
+    const u32 lim = q_offset + i; // the last causal key of this query
+    const u32 jend = lim + 1 < tk ? lim + 1 : tk;
+    float m = NEG_INF;
+    for (u32 j = threadIdx.x; j < jend; j += blockDim.x)
+        if (mask == 0 || mask[j] != 0) m = fmaxf(m, x[j]);
+    m = block_max_f32(m, buf);
+    float l = 0.0f;
+    if (m != NEG_INF)
+        for (u32 j = threadIdx.x; j < jend; j += blockDim.x)
+            if (mask == 0 || mask[j] != 0) l += expf(x[j] - m);
+    l = block_sum_f32(l, buf);
+    const u64 flat = (base_row + row) * tk;
+    const float inv = m == NEG_INF ? 0.0f : 1.0f / l;
+    const float inv_tk = 1.0f / (float)tk;
+    for (u32 j = threadIdx.x; j < tk; j += blockDim.x) {
+        float pr;
+        if (m == NEG_INF) pr = inv_tk; // every causal key masked: uniform over all tk keys
+        else if (j < jend && (mask == 0 || mask[j] != 0)) pr = expf(x[j] - m) * inv;
+        else pr = 0.0f;
+        x[j] = pr;
+        y[j] = f32_to_bf16(has_drop ? pr * drop_factor(seed, doff, p, dscale, flat + j) : pr);
+    }
+}
+
+// Backward: P' = P * dropout factor as bf16 (the operand of dV = P'^T dO), over one batch
+// element's [NH, Tq, Tk] block (base = its flat offset into [B, NH, Tq, Tk]).
+extern "C" __global__ void attention_probs_bf16(u16* out, const float* pr, u64 n, u64 base, int has_drop, u64 seed,
+                                                u64 doff, float p, float dscale) {
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x)
+        out[i] = f32_to_bf16(has_drop ? pr[i] * drop_factor(seed, doff, p, dscale, base + i) : pr[i]);
 }

@@ -5,8 +5,9 @@
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
 
 // out[r, c] += bias[c] for out [rows, dim] (n = rows * dim).
-extern "C" __global__ void bias_add(float* out, const float* bias, u64 n, u32 dim) {
-    GRID_STRIDE_LOOP(i, n) { out[i] += bias[i % dim]; }
+// The bias is read in its stored dtype `dt` (a bf16 model's biases as they are).
+extern "C" __global__ void bias_add(float* out, const void* bias, u64 n, u32 dim, int dt) {
+    GRID_STRIDE_LOOP(i, n) { out[i] += load_any(bias, i % dim, dt); }
 }
 
 extern "C" __global__ void add(float* out, const float* a, const float* b, u64 n) {

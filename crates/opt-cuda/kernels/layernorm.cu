@@ -6,9 +6,10 @@
 
 #define LN_THREADS 256
 
-// out = (x - mean) * rstd * w + b (w, b optional: null pointers); saves mean[row], rstd[row].
-extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w,
-                                             const float* b, u32 dim, float eps) {
+// out = (x - mean) * rstd * w + b (w, b optional: null pointers, stored as dtype `wdt`: the
+// parameters of a bf16 model are read as they are); saves mean[row], rstd[row].
+extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const void* w,
+                                             const void* b, u32 dim, float eps, int wdt) {
     __shared__ double buf[LN_THREADS];
     u64 row = blockIdx.x;
     const float* x = inp + row * dim;
@@ -26,8 +27,8 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     float mu32 = (float)mu;
     for (u32 c = threadIdx.x; c < dim; c += blockDim.x) {
         float y = (x[c] - mu32) * rs;
-        if (w != 0) y *= w[c];
-        if (b != 0) y += b[c];
+        if (w != 0) y *= load_any(w, c, wdt);
+        if (b != 0) y += load_any(b, c, wdt);
         o[c] = y;
     }
     if (threadIdx.x == 0) {

@@ -11,7 +11,9 @@
 //! LayerNorm and bias parameters). Outputs are f32, as the trait requires.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
@@ -102,6 +104,14 @@ pub struct DeviceInfo {
 /// The CUDA backend: a context, one stream, a cuBLAS handle and the loaded kernels.
 pub struct CudaBackend {
     info: DeviceInfo,
+    /// Per-operation timings when `OPT_RS_CUDA_PROFILE` is set: every operation then waits for
+    /// the GPU, and the table is printed to stderr when the backend is dropped.
+    prof: Option<Mutex<Vec<(String, u64, f64)>>>,
+    /// The last attention key mask uploaded (host copy, device copy): a forward pass hands every
+    /// layer the same mask, so it crosses the bus once.
+    mask_cache: Mutex<Option<(Vec<u8>, CudaSlice<u8>)>>,
+    /// `set_mixed_precision(Some(BF16))`: attention's two products run on tensor cores in bf16.
+    mixed_bf16: AtomicBool,
     // Field order is drop order: kernels and the cuBLAS handle go before the stream and context.
     kernels: Vec<(&'static str, CudaFunction)>,
     blas: CudaBlas,
@@ -177,7 +187,17 @@ impl CudaBackend {
             multiprocessors: u32::try_from(sms).unwrap_or(1).max(1),
             total_memory_bytes: total,
         };
-        Ok(CudaBackend { info, kernels, blas, stream, ctx })
+        let prof = std::env::var_os("OPT_RS_CUDA_PROFILE").filter(|v| !v.is_empty() && v != "0");
+        Ok(CudaBackend {
+            info,
+            prof: prof.map(|_| Mutex::new(Vec::new())),
+            mask_cache: Mutex::new(None),
+            mixed_bf16: AtomicBool::new(false),
+            kernels,
+            blas,
+            stream,
+            ctx,
+        })
     }
 
     /// The device this backend runs on.
@@ -208,6 +228,41 @@ impl CudaBackend {
     fn bind(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(drv("cuCtxSetCurrent"))?;
         Ok(())
+    }
+
+    /// A timing guard for one operation (a no-op unless profiling, see `prof`).
+    fn prof(&self, op: &'static str) -> ProfGuard<'_> {
+        self.prof_with(|| op.to_string())
+    }
+
+    fn prof_with(&self, key: impl FnOnce() -> String) -> ProfGuard<'_> {
+        let start = self.prof.as_ref().map(|_| {
+            let _ = self.stream.synchronize();
+            (key(), Instant::now())
+        });
+        ProfGuard { be: self, start }
+    }
+
+    /// The device copy of an attention key mask (`None` for an all-ones mask, which the kernels
+    /// treat as no mask), uploaded only when it differs from the last one.
+    fn key_mask_device(&self, mask: Option<&[u8]>) -> Result<u64> {
+        let Some(m) = mask.filter(|m| m.contains(&0)) else {
+            return Ok(0);
+        };
+        let mut cache = self.mask_cache.lock().map_err(|_| TensorError::Device("mask cache poisoned".into()))?;
+        if let Some((host, dev)) = cache.as_ref() {
+            if host.as_slice() == m {
+                return Ok(dev.device_ptr(&self.stream).0);
+            }
+        }
+        let (dev, ptr) = self.upload(m)?;
+        *cache = Some((m.to_vec(), dev));
+        Ok(ptr)
+    }
+
+    /// Whether attention's products may run in bf16 (see `set_mixed_precision`).
+    fn mixed(&self) -> bool {
+        self.mixed_bf16.load(Ordering::Relaxed)
     }
 
     /// An uninitialised device buffer (for temporaries that are fully written before use).
@@ -332,6 +387,300 @@ impl CudaBackend {
     }
 }
 
+/// Attention's mixed-precision path runs for at least this many queries (prefill, training);
+/// decoding steps keep the single-launch kernels.
+const MIXED_MIN_TQ: usize = 16;
+
+/// The decoding attention kernel keeps a row's `tk` weights in shared memory (48 KB by default).
+const DECODE_MAX_TK: usize = 8192;
+
+/// `linear` runs the fused small-row kernel up to this many rows (decoding batches).
+const LINEAR_SMALL_MAX_ROWS: usize = 8;
+
+/// f32 device addresses of the attention backward's inputs.
+struct MixedBwdIn {
+    q: u64,
+    k: u64,
+    v: u64,
+    dout: u64,
+    probs: u64,
+}
+
+impl CudaBackend {
+    /// A bf16 copy of `len` f32 elements at device address `src`.
+    fn bf16_copy(&self, src: u64, len: usize) -> Result<CudaBuf> {
+        let tmp = self.alloc(DType::BF16, len)?;
+        if len == 0 {
+            return Ok(tmp);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (len.div_ceil(THREADS as usize).min(1024) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (o, odt, ost) = (tmp.addr(0), dtype_code(DType::BF16), 0u64);
+        let (sdt, sst, rows, cols) = (dtype_code(DType::F32), 0u64, 1u64, len as u64);
+        launch!(self, "copy2d", cfg, o, odt, ost, src, sdt, sst, rows, cols)?;
+        Ok(tmp)
+    }
+
+    /// One strided-batched bf16 product over the heads of one batch element (f32 out).
+    #[allow(clippy::too_many_arguments)]
+    fn heads_gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        (trans_a, trans_b): (bool, bool),
+        (a, lda, stride_a): (u64, usize, usize),
+        (b, ldb, stride_b): (u64, usize, usize),
+        (c, ldc, stride_c): (u64, usize, usize),
+        batch: usize,
+        alpha: f32,
+    ) -> Result<()> {
+        let g = RawGemm {
+            m,
+            n,
+            k,
+            trans_a,
+            trans_b,
+            a,
+            lda,
+            stride_a,
+            b,
+            ldb,
+            stride_b,
+            c,
+            ldc,
+            stride_c,
+            batch,
+            alpha,
+            beta: 0.0,
+            ab: DType::BF16,
+        };
+        blas::gemm(&self.blas, &g)?;
+        Ok(())
+    }
+
+    /// Forward attention with bf16 products (see attention.cu, "mixed precision"): per batch
+    /// element, S = scale·QKᵀ (f32, into the saved probabilities when requested), the masked
+    /// softmax, and O = P'V.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_forward_mixed(
+        &self,
+        out: u64,
+        probs: Option<u64>,
+        q: &F32In,
+        k: &F32In,
+        v: &F32In,
+        mask: u64,
+        dims: &AttnDims,
+        dropout: Option<&Dropout>,
+    ) -> Result<()> {
+        const OP: &str = "attention_forward";
+        let (bsz, tq, tk, nh, hs) = (dims.batch, dims.tq, dims.tk, dims.heads, dims.head_dim);
+        let c = nh * hs;
+        let kvs = dims.kv_batch_stride;
+        let kv_extent = (bsz - 1) * kvs + tk * c;
+        let qh = self.bf16_copy(q.ptr, bsz * tq * c)?;
+        let kh = self.bf16_copy(k.ptr, kv_extent)?;
+        let vh = self.bf16_copy(v.ptr, kv_extent)?;
+        let per_b = nh * tq * tk;
+        let scores = if probs.is_none() { Some(self.alloc(DType::F32, per_b)?) } else { None };
+        let pd = self.alloc(DType::BF16, per_b)?;
+        let (has_drop, seed, doff, p, dscale) = dropout_params(dropout);
+        let (f4, h2) = (|x: usize| (x * 4) as u64, |x: usize| (x * 2) as u64);
+        let (tq32, tk32, qoff) = (u32c(OP, tq)?, u32c(OP, tk)?, u32c(OP, dims.q_offset)?);
+        let rows = u32c(OP, nh * tq)?;
+        for b in 0..bsz {
+            // Scores go straight into the saved probabilities when they are kept.
+            let s_b = match probs {
+                Some(pp) => pp + f4(b * per_b),
+                None => scores.as_ref().map_or(0, |t| t.ptr),
+            };
+            // S = scale · Q Kᵀ: [tq, hs] × [tk, hs]ᵀ per head; head h starts hs columns in.
+            self.heads_gemm(
+                (tq, tk, hs),
+                (false, true),
+                (qh.ptr + h2(b * tq * c), c, hs),
+                (kh.ptr + h2(b * kvs), c, hs),
+                (s_b, tk, tq * tk),
+                nh,
+                dims.scale,
+            )?;
+            let (pdp, mask_b, base_row) =
+                (pd.ptr, if mask == 0 { 0 } else { mask + (b * tk) as u64 }, (b * nh * tq) as u64);
+            let cfg = LaunchConfig { grid_dim: (rows, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            launch!(
+                self,
+                "attention_softmax_mixed",
+                cfg,
+                s_b,
+                pdp,
+                mask_b,
+                tq32,
+                tk32,
+                qoff,
+                has_drop,
+                base_row,
+                seed,
+                doff,
+                p,
+                dscale
+            )?;
+            // O = P' V: [tq, tk] × [tk, hs] per head, written into head h's columns of out.
+            self.heads_gemm(
+                (tq, hs, tk),
+                (false, false),
+                (pd.ptr, tk, tq * tk),
+                (vh.ptr + h2(b * kvs), c, hs),
+                (out + f4(b * tq * c), c, hs),
+                nh,
+                1.0,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Backward attention with bf16 products from the saved f32 probabilities.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_mixed(
+        &self,
+        dq: u64,
+        dk: u64,
+        dv: u64,
+        ins: &MixedBwdIn,
+        dims: &AttnDims,
+        kv_extent: usize,
+        dropout: Option<&Dropout>,
+    ) -> Result<()> {
+        const OP: &str = "attention_backward";
+        let (bsz, tq, tk, nh, hs) = (dims.batch, dims.tq, dims.tk, dims.heads, dims.head_dim);
+        let c = nh * hs;
+        let kvs = dims.kv_batch_stride;
+        let qh = self.bf16_copy(ins.q, bsz * tq * c)?;
+        let doh = self.bf16_copy(ins.dout, bsz * tq * c)?;
+        let kh = self.bf16_copy(ins.k, kv_extent)?;
+        let vh = self.bf16_copy(ins.v, kv_extent)?;
+        let per_b = nh * tq * tk;
+        let pd = self.alloc(DType::BF16, per_b)?;
+        let ds = self.alloc(DType::F32, per_b)?;
+        let ds16 = self.alloc(DType::BF16, per_b)?;
+        let (has_drop, seed, doff, p, dscale) = dropout_params(dropout);
+        let (f4, h2) = (|x: usize| (x * 4) as u64, |x: usize| (x * 2) as u64);
+        let tk32 = u32c(OP, tk)?;
+        for b in 0..bsz {
+            let probs_b = ins.probs + f4(b * per_b);
+            let (pdp, n, base) = (pd.ptr, per_b as u64, (b * per_b) as u64);
+            launch!(
+                self,
+                "attention_probs_bf16",
+                self.grid_1d(per_b),
+                pdp,
+                probs_b,
+                n,
+                base,
+                has_drop,
+                seed,
+                doff,
+                p,
+                dscale
+            )?;
+            let (q_b, do_b) = (qh.ptr + h2(b * tq * c), doh.ptr + h2(b * tq * c));
+            let (k_b, v_b) = (kh.ptr + h2(b * kvs), vh.ptr + h2(b * kvs));
+            let (dq_b, dk_b, dv_b) = (dq + f4(b * tq * c), dk + f4(b * tk * c), dv + f4(b * tk * c));
+            // dV = P'ᵀ dO
+            self.heads_gemm((tk, hs, tq), (true, false), (pd.ptr, tk, tq * tk), (do_b, c, hs), (dv_b, c, hs), nh, 1.0)?;
+            // dP' = dO Vᵀ (f32, into ds)
+            self.heads_gemm((tq, tk, hs), (false, true), (do_b, c, hs), (v_b, c, hs), (ds.ptr, tk, tq * tk), nh, 1.0)?;
+            // dS = scale · P ∘ (dP − rowsum(P ∘ dP)) as bf16
+            let (pds, scale, base_row, pds16) = (ds.ptr, dims.scale, (b * nh * tq) as u64, ds16.ptr);
+            let cfg =
+                LaunchConfig { grid_dim: (u32c(OP, nh * tq)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            launch!(
+                self,
+                "attention_softmax_backward",
+                cfg,
+                pds,
+                probs_b,
+                tk32,
+                scale,
+                has_drop,
+                base_row,
+                seed,
+                doff,
+                p,
+                dscale,
+                pds16
+            )?;
+            // dQ = dS K, dK = dSᵀ Q
+            self.heads_gemm(
+                (tq, hs, tk),
+                (false, false),
+                (ds16.ptr, tk, tq * tk),
+                (k_b, c, hs),
+                (dq_b, c, hs),
+                nh,
+                1.0,
+            )?;
+            self.heads_gemm(
+                (tk, hs, tq),
+                (true, false),
+                (ds16.ptr, tk, tq * tk),
+                (q_b, c, hs),
+                (dk_b, c, hs),
+                nh,
+                1.0,
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Adds the time from its creation to the GPU's completion of the work queued meanwhile to the
+/// profile when dropped (only when profiling).
+struct ProfGuard<'a> {
+    be: &'a CudaBackend,
+    start: Option<(String, Instant)>,
+}
+
+impl Drop for ProfGuard<'_> {
+    fn drop(&mut self) {
+        let (Some((key, t0)), Some(prof)) = (self.start.take(), self.be.prof.as_ref()) else {
+            return;
+        };
+        let _ = self.be.stream.synchronize();
+        let dt = t0.elapsed().as_secs_f64();
+        if let Ok(mut v) = prof.lock() {
+            match v.iter_mut().find(|e| e.0 == key) {
+                Some(e) => {
+                    e.1 += 1;
+                    e.2 += dt;
+                }
+                None => v.push((key, 1, dt)),
+            }
+        }
+    }
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        let Some(prof) = self.prof.as_ref() else { return };
+        let Ok(mut v) = prof.lock() else { return };
+        v.sort_by(|a, b| b.2.total_cmp(&a.2));
+        let total: f64 = v.iter().map(|e| e.2).sum();
+        eprintln!("\n== CUDA profile ({} ops, {:.1} ms; each op synchronised)", v.len(), total * 1e3);
+        eprintln!("{:>10} {:>6} {:>9} {:>8}  op", "ms", "%", "calls", "us/call");
+        for (k, n, t) in v.iter().take(40) {
+            eprintln!(
+                "{:>10.2} {:>6.1} {:>9} {:>8.1}  {k}",
+                t * 1e3,
+                100.0 * t / total.max(1e-12),
+                n,
+                t * 1e6 / *n as f64
+            );
+        }
+    }
+}
+
 /// An f32 input's device address, and the widened temporary behind it when there is one.
 struct F32In {
     ptr: u64,
@@ -363,6 +712,15 @@ fn dropout_params(d: Option<&Dropout>) -> (i32, u64, u64, f32, f32) {
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
 
+    fn set_mixed_precision(&self, dtype: Option<DType>) {
+        self.mixed_bf16.store(dtype == Some(DType::BF16), Ordering::Relaxed);
+    }
+
+    fn loss_chunk_rows(&self) -> usize {
+        // 2048 rows of 50272 f32 logits = 412 MB: large products, few launches.
+        2048
+    }
+
     fn memory_in_use(&self) -> Option<u64> {
         self.bind().ok()?;
         let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
@@ -375,6 +733,7 @@ impl Backend for CudaBackend {
 
     // ---- memory ---------------------------------------------------------------------------
     fn zeros(&self, dtype: DType, len: usize) -> Result<CudaBuf> {
+        let _prof = self.prof("zeros");
         self.bind()?;
         let bytes = len
             .checked_mul(dtype.size_in_bytes())
@@ -384,6 +743,7 @@ impl Backend for CudaBackend {
     }
 
     fn from_f32(&self, data: &[f32], dtype: DType) -> Result<CudaBuf> {
+        let _prof = self.prof("from_f32");
         self.bind()?;
         if data.is_empty() {
             return self.zeros(dtype, 0);
@@ -399,6 +759,7 @@ impl Backend for CudaBackend {
     }
 
     fn to_f32(&self, src: View<'_, CudaBuf>) -> Result<Vec<f32>> {
+        let _prof = self.prof("to_f32");
         bounds("to_f32", src.buf.len, src.off, src.len)?;
         if src.len == 0 {
             return Ok(Vec::new());
@@ -420,6 +781,7 @@ impl Backend for CudaBackend {
     }
 
     fn fill(&self, out: ViewMut<'_, CudaBuf>, value: f32) -> Result<()> {
+        let _prof = self.prof("fill");
         bounds("fill", out.buf.len, out.off, out.len)?;
         if out.len == 0 {
             return Ok(());
@@ -435,6 +797,7 @@ impl Backend for CudaBackend {
     }
 
     fn copy(&self, out: ViewMut<'_, CudaBuf>, src: View<'_, CudaBuf>) -> Result<()> {
+        let _prof = self.prof("copy");
         const OP: &str = "copy";
         bounds(OP, out.buf.len, out.off, out.len)?;
         bounds(OP, src.buf.len, src.off, src.len)?;
@@ -453,6 +816,7 @@ impl Backend for CudaBackend {
         rows: usize,
         cols: usize,
     ) -> Result<()> {
+        let _prof = self.prof("copy_2d");
         const OP: &str = "copy_2d";
         bounds(OP, out.buf.len, out.off, out.len)?;
         bounds(OP, src.buf.len, src.off, src.len)?;
@@ -485,7 +849,59 @@ impl Backend for CudaBackend {
     }
 
     // ---- dense algebra --------------------------------------------------------------------------
+    fn linear(
+        &self,
+        mut out: ViewMut<'_, CudaBuf>,
+        x: View<'_, CudaBuf>,
+        w: View<'_, CudaBuf>,
+        bias: Option<View<'_, CudaBuf>>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        const OP: &str = "linear";
+        let fused = (1..=LINEAR_SMALL_MAX_ROWS).contains(&rows)
+            && matches!(w.buf.dtype, DType::BF16 | DType::F16)
+            && x.buf.dtype == DType::F32
+            && in_dim.is_multiple_of(8)
+            && x.buf.addr(x.off).is_multiple_of(16)
+            && w.buf.addr(w.off).is_multiple_of(16);
+        if !fused {
+            self.matmul(out.rb(), x, w, &Gemm::new(rows, out_dim, in_dim, false, true))?;
+            return match bias {
+                Some(b) => self.bias_add(out, b, out_dim),
+                None => Ok(()),
+            };
+        }
+        let _prof = self.prof_with(|| format!("linear_small {rows}x{out_dim}x{in_dim}"));
+        let o = self.out_f32(OP, &out)?;
+        for (what, view) in [("x", &x), ("w", &w)] {
+            bounds(OP, view.buf.len, view.off, view.len).map_err(|e| shape_err(OP, format!("{what}: {e}")))?;
+        }
+        expect_len(OP, "out", out.len, rows * out_dim)?;
+        expect_len(OP, "x", x.len, rows * in_dim)?;
+        expect_len(OP, "w", w.len, out_dim * in_dim)?;
+        let (pb, bdt) = match &bias {
+            Some(b) => {
+                bounds(OP, b.buf.len, b.off, b.len)?;
+                expect_len(OP, "bias", b.len, out_dim)?;
+                (b.buf.addr(b.off), dtype_code(b.buf.dtype))
+            }
+            None => (0, 0),
+        };
+        if out_dim == 0 {
+            return Ok(());
+        }
+        self.bind()?;
+        let (px, pw, wdt) = (x.buf.addr(x.off), w.buf.addr(w.off), dtype_code(w.buf.dtype));
+        let (m, n, k) = (rows as u32, u32c(OP, out_dim)?, u32c(OP, in_dim)?);
+        let cfg = LaunchConfig { grid_dim: (n.div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "linear_small", cfg, o, px, pw, pb, m, n, k, wdt, bdt)
+    }
+
     fn matmul(&self, out: ViewMut<'_, CudaBuf>, a: View<'_, CudaBuf>, b: View<'_, CudaBuf>, g: &Gemm) -> Result<()> {
+        let _prof = self
+            .prof_with(|| format!("matmul {}x{}x{} batch {} {}·{}", g.m, g.n, g.k, g.batch, a.buf.dtype, b.buf.dtype));
         const OP: &str = "matmul";
         let o = self.out_f32(OP, &out)?;
         bounds(OP, a.buf.len, a.off, a.len)?;
@@ -515,6 +931,9 @@ impl Backend for CudaBackend {
         // side down (autocast); bf16 with f16 widens both.
         let (da, db) = (a.buf.dtype, b.buf.dtype);
         let ab = match (da, db) {
+            // Mixed precision (a bf16 model): f32 × f32 products (weight gradients, attention-free
+            // activations) run on tensor cores in bf16 with f32 accumulation, as under autocast.
+            (DType::F32, DType::F32) if self.mixed() => DType::BF16,
             (x, y) if x == y => x,
             (DType::F32, y) => y,
             (x, DType::F32) => x,
@@ -549,6 +968,7 @@ impl Backend for CudaBackend {
     }
 
     fn bias_add(&self, out: ViewMut<'_, CudaBuf>, bias: View<'_, CudaBuf>, dim: usize) -> Result<()> {
+        let _prof = self.prof("bias_add");
         const OP: &str = "bias_add";
         let o = self.out_f32(OP, &out)?;
         rows_of(OP, "out", out.len, dim)?;
@@ -557,12 +977,14 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         self.bind()?;
-        let bias = self.in_f32(OP, bias)?;
-        let (bp, n, d) = (bias.ptr, out.len as u64, u32c(OP, dim)?);
-        launch!(self, "bias_add", self.grid_1d(out.len), o, bp, n, d)
+        bounds(OP, bias.buf.len, bias.off, bias.len)?;
+        let (bp, bdt) = (bias.buf.addr(bias.off), dtype_code(bias.buf.dtype));
+        let (n, d) = (out.len as u64, u32c(OP, dim)?);
+        launch!(self, "bias_add", self.grid_1d(out.len), o, bp, n, d, bdt)
     }
 
     fn bias_backward(&self, dbias: ViewMut<'_, CudaBuf>, dout: View<'_, CudaBuf>, dim: usize) -> Result<()> {
+        let _prof = self.prof("bias_backward");
         const OP: &str = "bias_backward";
         let db = self.out_f32(OP, &dbias)?;
         let rows = rows_of(OP, "dout", dout.len, dim)?;
@@ -573,6 +995,7 @@ impl Backend for CudaBackend {
     }
 
     fn add(&self, out: ViewMut<'_, CudaBuf>, a: View<'_, CudaBuf>, b: View<'_, CudaBuf>) -> Result<()> {
+        let _prof = self.prof("add");
         const OP: &str = "add";
         let o = self.out_f32(OP, &out)?;
         expect_len(OP, "a", a.len, out.len)?;
@@ -587,6 +1010,7 @@ impl Backend for CudaBackend {
     }
 
     fn add_assign(&self, out: ViewMut<'_, CudaBuf>, a: View<'_, CudaBuf>) -> Result<()> {
+        let _prof = self.prof("add_assign");
         const OP: &str = "add_assign";
         let o = self.out_f32(OP, &out)?;
         expect_len(OP, "a", a.len, out.len)?;
@@ -600,6 +1024,7 @@ impl Backend for CudaBackend {
     }
 
     fn scale(&self, out: ViewMut<'_, CudaBuf>, s: f32) -> Result<()> {
+        let _prof = self.prof("scale");
         let o = self.out_f32("scale", &out)?;
         if out.len == 0 {
             return Ok(());
@@ -610,6 +1035,7 @@ impl Backend for CudaBackend {
     }
 
     fn sum_squares(&self, x: View<'_, CudaBuf>) -> Result<f64> {
+        let _prof = self.prof("sum_squares");
         const OP: &str = "sum_squares";
         // Fixed chunk size: the partials (and so the bits of the result) do not depend on the GPU.
         const CHUNK: usize = 1 << 16;
@@ -644,6 +1070,7 @@ impl Backend for CudaBackend {
         dim: usize,
         accumulate: bool,
     ) -> Result<()> {
+        let _prof = self.prof("embedding_forward");
         const OP: &str = "embedding_forward";
         let o = self.out_f32(OP, &out)?;
         expect_len(OP, "out", out.len, prod(OP, &[ids.len(), dim])?)?;
@@ -677,6 +1104,7 @@ impl Backend for CudaBackend {
         dout: View<'_, CudaBuf>,
         dim: usize,
     ) -> Result<()> {
+        let _prof = self.prof("embedding_backward");
         const OP: &str = "embedding_backward";
         let dt = self.out_f32(OP, &dtable)?;
         expect_len(OP, "dout", dout.len, prod(OP, &[ids.len(), dim])?)?;
@@ -726,6 +1154,7 @@ impl Backend for CudaBackend {
         dim: usize,
         eps: f32,
     ) -> Result<()> {
+        let _prof = self.prof("layernorm_forward");
         const OP: &str = "layernorm_forward";
         let (o, pm, pr) = (self.out_f32(OP, &out)?, self.out_f32(OP, &mean)?, self.out_f32(OP, &rstd)?);
         bounds(OP, inp.buf.len, inp.off, inp.len)?;
@@ -744,12 +1173,29 @@ impl Backend for CudaBackend {
         }
         self.bind()?;
         let x = self.in_f32(OP, inp)?;
-        let w = weight.map(|w| self.in_f32(OP, w)).transpose()?;
-        let b = bias.map(|b| self.in_f32(OP, b)).transpose()?;
-        let (px, pw, pb) = (x.ptr, w.as_ref().map_or(0, |w| w.ptr), b.as_ref().map_or(0, |b| b.ptr));
+        // The kernel reads the parameters in their stored dtype when they share one.
+        let wdt = weight.as_ref().or(bias.as_ref()).map_or(DType::F32, |v| v.buf.dtype);
+        let same = [&weight, &bias].iter().all(|p| p.as_ref().is_none_or(|v| v.buf.dtype == wdt));
+        let param = |v: Option<View<'_, CudaBuf>>| -> Result<(u64, Option<F32In>)> {
+            match v {
+                None => Ok((0, None)),
+                Some(v) if same => {
+                    bounds(OP, v.buf.len, v.off, v.len)?;
+                    Ok((v.buf.addr(v.off), None))
+                }
+                Some(v) => {
+                    let t = self.in_f32(OP, v)?;
+                    Ok((t.ptr, Some(t)))
+                }
+            }
+        };
+        let (pw, _w) = param(weight)?;
+        let (pb, _b) = param(bias)?;
+        let wdt = dtype_code(if same { wdt } else { DType::F32 });
+        let px = x.ptr;
         let d = u32c(OP, dim)?;
         let cfg = LaunchConfig { grid_dim: (u32c(OP, rows)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "layernorm_forward", cfg, o, pm, pr, px, pw, pb, d, eps)
+        launch!(self, "layernorm_forward", cfg, o, pm, pr, px, pw, pb, d, eps, wdt)
     }
 
     fn layernorm_backward(
@@ -764,6 +1210,7 @@ impl Backend for CudaBackend {
         rstd: View<'_, CudaBuf>,
         dim: usize,
     ) -> Result<()> {
+        let _prof = self.prof("layernorm_backward");
         const OP: &str = "layernorm_backward";
         let pdi = self.out_f32(OP, &dinp)?;
         let pdw = dweight.as_ref().map(|v| self.out_f32(OP, v)).transpose()?;
@@ -805,6 +1252,7 @@ impl Backend for CudaBackend {
 
     // ---- activations and dropout ------------------------------------------------------------------
     fn activation_forward(&self, act: Activation, out: ViewMut<'_, CudaBuf>, inp: View<'_, CudaBuf>) -> Result<()> {
+        let _prof = self.prof("activation_forward");
         const OP: &str = "activation_forward";
         let o = self.out_f32(OP, &out)?;
         expect_len(OP, "inp", inp.len, out.len)?;
@@ -824,6 +1272,7 @@ impl Backend for CudaBackend {
         inp: View<'_, CudaBuf>,
         dout: View<'_, CudaBuf>,
     ) -> Result<()> {
+        let _prof = self.prof("activation_backward");
         const OP: &str = "activation_backward";
         let d = self.out_f32(OP, &dinp)?;
         expect_len(OP, "inp", inp.len, dinp.len)?;
@@ -838,6 +1287,7 @@ impl Backend for CudaBackend {
     }
 
     fn dropout(&self, x: ViewMut<'_, CudaBuf>, d: &Dropout) -> Result<()> {
+        let _prof = self.prof("dropout");
         const OP: &str = "dropout";
         let px = self.out_f32(OP, &x)?;
         if !(0.0..=1.0).contains(&d.p) {
@@ -866,6 +1316,7 @@ impl Backend for CudaBackend {
         dims: &AttnDims,
         dropout: Option<&Dropout>,
     ) -> Result<()> {
+        let _prof = self.prof("attention_forward");
         const OP: &str = "attention_forward";
         let po = self.out_f32(OP, &out)?;
         let pp = probs.as_ref().map(|p| self.out_f32(OP, p)).transpose()?;
@@ -887,9 +1338,25 @@ impl Backend for CudaBackend {
         let qin = self.in_f32(OP, q)?;
         let kin = self.in_f32(OP, View::new(k.buf, k.off, shape.kv_extent))?;
         let vin = self.in_f32(OP, View::new(v.buf, v.off, shape.kv_extent))?;
-        let mask = key_mask.map(|m| self.upload(m)).transpose()?;
-        let pmask = mask.as_ref().map_or(0, |m| m.1);
+        let pmask = self.key_mask_device(key_mask)?;
         let (has_drop, seed, doff, p, dscale) = dropout_params(dropout);
+        if self.mixed() && dims.tq >= MIXED_MIN_TQ {
+            return self.attention_forward_mixed(po, pp, &qin, &kin, &vin, pmask, dims, dropout);
+        }
+        if dims.tq == 1 && pp.is_none() && has_drop == 0 && dims.tk <= DECODE_MAX_TK {
+            // A decoding step: one query per (row, head) over the cache.
+            let smem = ((dims.tk + 256 + 128 + 4 * dims.head_dim) * 4) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (u32c(OP, dims.batch * dims.heads)?, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem,
+            };
+            let (pq, pk, pv) = (qin.ptr, kin.ptr, vin.ptr);
+            let (tk, heads, hs32, qoff) =
+                (u32c(OP, dims.tk)?, u32c(OP, dims.heads)?, dims.head_dim as u32, u32c(OP, dims.q_offset)?);
+            let (kvs, scale) = (dims.kv_batch_stride as u64, dims.scale);
+            return launch!(self, "attention_decode", cfg, po, pq, pk, pv, pmask, tk, heads, hs32, qoff, kvs, scale);
+        }
         const BQ: usize = 16; // ATT_BQ in attention.cu
         let q_blocks = dims.tq.div_ceil(BQ);
         if q_blocks > 65_535 {
@@ -946,6 +1413,7 @@ impl Backend for CudaBackend {
         dims: &AttnDims,
         dropout: Option<&Dropout>,
     ) -> Result<()> {
+        let _prof = self.prof("attention_backward");
         const OP: &str = "attention_backward";
         let (pdq, pdk, pdv) = (self.out_f32(OP, &dq)?, self.out_f32(OP, &dk)?, self.out_f32(OP, &dv)?);
         for view in [&dout, &q, &k, &v, &probs] {
@@ -973,6 +1441,10 @@ impl Backend for CudaBackend {
         let pin = self.in_f32(OP, probs)?;
         let (has_drop, seed, doff, p, dscale) = dropout_params(dropout);
         let per_b = nh * tq * tk; // one batch element's probabilities [NH, Tq, Tk]
+        if self.mixed() && tq >= MIXED_MIN_TQ {
+            let ins = MixedBwdIn { q: qin.ptr, k: kin.ptr, v: vin.ptr, dout: doin.ptr, probs: pin.ptr };
+            return self.attention_backward_mixed(pdq, pdk, pdv, &ins, dims, shape.kv_extent, dropout);
+        }
         let ds = self.alloc(DType::F32, per_b)?;
         let pd = if has_drop != 0 { Some(self.alloc(DType::F32, per_b)?) } else { None };
         let f4 = |x: usize| (x * 4) as u64;
@@ -1031,7 +1503,7 @@ impl Backend for CudaBackend {
             // dP' = dO Vᵀ (into ds)
             blas::gemm(&self.blas, &head(tq, tk, hs, false, true, do_b, c, hs, v_b, c, hs, ds.ptr, tk, tq * tk))?;
             // dS = scale · P ∘ (dP − rowsum(P ∘ dP)), dP = dP' ∘ dropout mask
-            let (pds, tk32, scale, base_row) = (ds.ptr, u32c(OP, tk)?, dims.scale, (b * nh * tq) as u64);
+            let (pds, tk32, scale, base_row, no_ds16) = (ds.ptr, u32c(OP, tk)?, dims.scale, (b * nh * tq) as u64, 0u64);
             let cfg =
                 LaunchConfig { grid_dim: (u32c(OP, nh * tq)?, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
             launch!(
@@ -1047,7 +1519,8 @@ impl Backend for CudaBackend {
                 seed,
                 doff,
                 p,
-                dscale
+                dscale,
+                no_ds16
             )?;
             // dQ = dS K, dK = dSᵀ Q
             blas::gemm(&self.blas, &head(tq, hs, tk, false, false, ds.ptr, tk, tq * tk, k_b, c, hs, dq_b, c, hs))?;
@@ -1065,6 +1538,7 @@ impl Backend for CudaBackend {
         vocab: usize,
         grad_scale: Option<f32>,
     ) -> Result<()> {
+        let _prof = self.prof("cross_entropy");
         const OP: &str = "cross_entropy";
         let (pl, ploss) = (self.out_f32(OP, &logits)?, self.out_f32(OP, &losses)?);
         let rows = rows_of(OP, "logits", logits.len, vocab)?;
@@ -1084,6 +1558,7 @@ impl Backend for CudaBackend {
     }
 
     fn log_softmax(&self, out: ViewMut<'_, CudaBuf>, logits: View<'_, CudaBuf>, vocab: usize) -> Result<()> {
+        let _prof = self.prof("log_softmax");
         const OP: &str = "log_softmax";
         let o = self.out_f32(OP, &out)?;
         let rows = rows_of(OP, "logits", logits.len, vocab)?;
@@ -1107,6 +1582,7 @@ impl Backend for CudaBackend {
         v: ViewMut<'_, CudaBuf>,
         hp: &AdamW,
     ) -> Result<()> {
+        let _prof = self.prof("adamw");
         const OP: &str = "adamw";
         let (pp, pm, pv) = (self.out_f32(OP, &params)?, self.out_f32(OP, &m)?, self.out_f32(OP, &v)?);
         expect_len(OP, "grads", grads.len, params.len)?;

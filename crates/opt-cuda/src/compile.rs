@@ -53,7 +53,18 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "attention.cu",
         source: include_str!("../kernels/attention.cu"),
-        functions: &["attention_forward", "attention_dropout_probs", "attention_softmax_backward"],
+        functions: &[
+            "attention_forward",
+            "attention_dropout_probs",
+            "attention_softmax_backward",
+            "attention_softmax_mixed",
+            "attention_probs_bf16",
+        ],
+    },
+    KernelFile {
+        name: "decode.cu",
+        source: include_str!("../kernels/decode.cu"),
+        functions: &["linear_small", "attention_decode"],
     },
     KernelFile {
         name: "loss.cu",

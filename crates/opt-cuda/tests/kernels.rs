@@ -11,13 +11,25 @@
 use std::sync::OnceLock;
 
 use opt_cuda::CudaBackend;
-use opt_tensor::{rng, Activation, AdamW, AttnDims, Backend, Buffer, CpuBackend, CpuBuf, DType, Dropout, Gemm};
+use opt_tensor::{rng, Activation, AdamW, AttnDims, Backend, Buffer, CpuBackend, CpuBuf, DType, Dropout, Gemm, View};
 
 fn gpu() -> &'static CudaBackend {
     static G: OnceLock<CudaBackend> = OnceLock::new();
     G.get_or_init(|| match CudaBackend::new(0) {
         Ok(b) => {
             eprintln!("GPU: {:?}", b.info());
+            b
+        }
+        Err(e) => panic!("these tests need a CUDA GPU: {e}"),
+    })
+}
+
+/// A second GPU backend in mixed precision (bf16 attention products), as a bf16 model sets it.
+fn gpu_mixed() -> &'static CudaBackend {
+    static G: OnceLock<CudaBackend> = OnceLock::new();
+    G.get_or_init(|| match CudaBackend::new(0) {
+        Ok(b) => {
+            b.set_mixed_precision(Some(DType::BF16));
             b
         }
         Err(e) => panic!("these tests need a CUDA GPU: {e}"),
@@ -354,6 +366,14 @@ fn attn_cases() -> Vec<AttnCase> {
         AttnCase { dims: dims(3, 1, 20, 4, 64, 19, 32), mask: Some(left_pad(3, 20, 4)), drop: None },
         // a chunk of 6 new queries after 10 cached positions
         AttnCase { dims: dims(2, 6, 16, 2, 64, 10, 24), mask: None, drop: None },
+        // decoding over a long cache (more keys than the decode kernel's threads), head dim 80
+        AttnCase { dims: dims(2, 1, 600, 3, 80, 599, 640), mask: Some(left_pad(2, 600, 37)), drop: None },
+        // decoding where row 1's keys are all padding: uniform weights over every key
+        AttnCase {
+            dims: dims(2, 1, 12, 2, 128, 11, 16),
+            mask: Some((0..24).map(|i| u8::from(i < 12)).collect()),
+            drop: None,
+        },
     ]
 }
 
@@ -469,6 +489,170 @@ fn attention_backward_matches_cpu() {
         check(&format!("{what} dk"), &down(&gdk), cdk.as_f32().unwrap(), F32_TOL);
         check(&format!("{what} dv"), &down(&gdv), cdv.as_f32().unwrap(), F32_TOL);
     }
+}
+
+/// Attention with bf16 products (the mixed-precision path of a bf16 model) against the f32 CPU
+/// reference: forward output and saved probabilities, then dq/dk/dv, within bf16 tolerance.
+/// Cases with fewer than 16 queries exercise the fallback to the f32 kernel.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn attention_mixed_precision_matches_cpu() {
+    let (c, g) = (cpu(), gpu_mixed());
+    let mut cases = attn_cases();
+    // a longer training-like case: 2 x 160 tokens, 4 heads of 64, left padding and dropout
+    cases.push(AttnCase {
+        dims: AttnDims {
+            batch: 2,
+            tq: 160,
+            tk: 160,
+            heads: 4,
+            head_dim: 64,
+            q_offset: 0,
+            kv_batch_stride: 160 * 256,
+            scale: 0.125,
+        },
+        mask: Some((0..320).map(|i| u8::from(!(i / 160 == 1 && i % 160 < 7))).collect()),
+        drop: Some(Dropout { p: 0.1, seed: 5, offset: 0 }),
+    });
+    for (ci, case) in cases.iter().enumerate() {
+        let d = &case.dims;
+        let cdim = d.heads * d.head_dim;
+        let nq = d.batch * d.tq * cdim;
+        let kv_len = (d.batch - 1) * d.kv_batch_stride + d.tk * cdim;
+        let q = randn(150 + ci as u64, nq);
+        let k = randn(160 + ci as u64, kv_len);
+        let v = randn(170 + ci as u64, kv_len);
+        let (cq, ck, cv) = (
+            c.from_f32(&q, DType::F32).unwrap(),
+            c.from_f32(&k, DType::F32).unwrap(),
+            c.from_f32(&v, DType::F32).unwrap(),
+        );
+        let (gq, gk, gv) = (
+            g.from_f32(&q, DType::F32).unwrap(),
+            g.from_f32(&k, DType::F32).unwrap(),
+            g.from_f32(&v, DType::F32).unwrap(),
+        );
+        let plen = d.batch * d.heads * d.tq * d.tk;
+        let mask = case.mask.as_deref();
+        let mut co = CpuBuf::from_f32_vec(vec![0.0; nq]);
+        let mut cp = CpuBuf::from_f32_vec(vec![0.0; plen]);
+        c.attention_forward(co.vm(), Some(cp.vm()), cq.v(), ck.v(), cv.v(), mask, d, case.drop.as_ref()).unwrap();
+        for with_probs in [false, true] {
+            let mut go = g.from_f32(&vec![f32::NAN; nq], DType::F32).unwrap();
+            let mut gp = g.from_f32(&vec![f32::NAN; plen], DType::F32).unwrap();
+            g.attention_forward(
+                go.vm(),
+                with_probs.then(|| gp.vm()),
+                gq.v(),
+                gk.v(),
+                gv.v(),
+                mask,
+                d,
+                case.drop.as_ref(),
+            )
+            .unwrap();
+            let what = format!("mixed attention case {ci} probs={with_probs}");
+            check(&format!("{what} out"), &g.to_f32(go.v()).unwrap(), co.as_f32().unwrap(), BF16_TOL);
+            if with_probs {
+                check(&format!("{what} probs"), &g.to_f32(gp.v()).unwrap(), cp.as_f32().unwrap(), BF16_TOL);
+            }
+        }
+        if d.q_offset != 0 {
+            continue; // training shapes only for the backward pass
+        }
+        let dout = randn(180 + ci as u64, nq);
+        let (cdo, gdo) = (c.from_f32(&dout, DType::F32).unwrap(), g.from_f32(&dout, DType::F32).unwrap());
+        let gp = g.from_f32(cp.as_f32().unwrap(), DType::F32).unwrap();
+        let nkv = d.batch * d.tk * cdim;
+        let (mut cdq, mut cdk, mut cdv) = (
+            CpuBuf::from_f32_vec(vec![0.0; nq]),
+            CpuBuf::from_f32_vec(vec![0.0; nkv]),
+            CpuBuf::from_f32_vec(vec![0.0; nkv]),
+        );
+        c.attention_backward(
+            cdq.vm(),
+            cdk.vm(),
+            cdv.vm(),
+            cdo.v(),
+            cq.v(),
+            ck.v(),
+            cv.v(),
+            cp.v(),
+            d,
+            case.drop.as_ref(),
+        )
+        .unwrap();
+        let mut gdq = g.from_f32(&vec![f32::NAN; nq], DType::F32).unwrap();
+        let mut gdk = g.from_f32(&vec![f32::NAN; nkv], DType::F32).unwrap();
+        let mut gdv = g.from_f32(&vec![f32::NAN; nkv], DType::F32).unwrap();
+        g.attention_backward(
+            gdq.vm(),
+            gdk.vm(),
+            gdv.vm(),
+            gdo.v(),
+            gq.v(),
+            gk.v(),
+            gv.v(),
+            gp.v(),
+            d,
+            case.drop.as_ref(),
+        )
+        .unwrap();
+        let what = format!("mixed attention backward case {ci}");
+        check(&format!("{what} dq"), &g.to_f32(gdq.v()).unwrap(), cdq.as_f32().unwrap(), BF16_TOL);
+        check(&format!("{what} dk"), &g.to_f32(gdk.v()).unwrap(), cdk.as_f32().unwrap(), BF16_TOL);
+        check(&format!("{what} dv"), &g.to_f32(gdv.v()).unwrap(), cdv.as_f32().unwrap(), BF16_TOL);
+    }
+}
+
+/// The linear layer: the fused small-row kernel (bf16/f16 weights, 1..=8 rows, bias fused)
+/// equals the CPU's f32 arithmetic on the same (widened) weights up to summation order; other
+/// shapes (more rows, an unaligned weight, f32 weights) take cuBLAS and meet its tolerance.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn linear_matches_cpu() {
+    let (c, g) = (cpu(), gpu());
+    for &(in_dim, out_dim) in &[(768usize, 300usize), (64, 2051), (3072, 768)] {
+        for dt in [DType::BF16, DType::F16, DType::F32] {
+            for &(rows, woff) in &[(1usize, 0usize), (3, 0), (8, 0), (9, 0), (2, 3)] {
+                for with_bias in [true, false] {
+                    let wlen = woff + out_dim * in_dim;
+                    let (cw, gw) = both(&randn(300 + rows as u64, wlen), dt);
+                    let (cb, gb) = both(&randn(301, out_dim), dt);
+                    let (cx, gx) = both(&randn(302 + in_dim as u64, rows * in_dim), DType::F32);
+                    let (mut co, mut go) = outs(rows * out_dim);
+                    let (cwv, gwv) = (View::new(&cw, woff, out_dim * in_dim), View::new(&gw, woff, out_dim * in_dim));
+                    c.linear(co.vm(), cx.v(), cwv, with_bias.then(|| cb.v()), rows, in_dim, out_dim).unwrap();
+                    g.linear(go.vm(), gx.v(), gwv, with_bias.then(|| gb.v()), rows, in_dim, out_dim).unwrap();
+                    let fused = rows <= 8 && dt != DType::F32 && woff == 0;
+                    let tol = if fused || dt == DType::F32 { F32_TOL } else { BF16_TOL };
+                    let what = format!("linear {rows}x{out_dim}x{in_dim} {dt} offset {woff} bias={with_bias}");
+                    check(&what, &down(&go), co.as_f32().unwrap(), tol);
+                }
+            }
+        }
+    }
+}
+
+/// In mixed precision an f32 × f32 product runs with bf16 operands (autocast's weight
+/// gradients): within bf16 tolerance of the f32 product, and not bit-equal to it.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn mixed_precision_matmul_uses_bf16_operands() {
+    let (c, g) = (cpu(), gpu_mixed());
+    let (m, n, k) = (96usize, 80usize, 256usize);
+    let a = randn(310, m * k);
+    let b = randn(311, k * n);
+    let gm = Gemm::new(m, n, k, false, false);
+    let (ca, cb) = (c.from_f32(&a, DType::F32).unwrap(), c.from_f32(&b, DType::F32).unwrap());
+    let (ga, gb) = (g.from_f32(&a, DType::F32).unwrap(), g.from_f32(&b, DType::F32).unwrap());
+    let mut co = CpuBuf::from_f32_vec(vec![0.0; m * n]);
+    let mut go = g.from_f32(&vec![f32::NAN; m * n], DType::F32).unwrap();
+    c.matmul(co.vm(), ca.v(), cb.v(), &gm).unwrap();
+    g.matmul(go.vm(), ga.v(), gb.v(), &gm).unwrap();
+    let got = g.to_f32(go.v()).unwrap();
+    let e = rel_err(&got, co.as_f32().unwrap());
+    assert!(e <= BF16_TOL && e > 1e-6, "mixed f32 matmul: relative error {e:.3e}");
 }
 
 // ---- output layer and optimizer -----------------------------------------------------------------

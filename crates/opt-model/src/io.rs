@@ -42,6 +42,7 @@ impl<B: Backend> OptModel<B> {
             t.read_f32_into(&mut host[spec.offset..spec.offset + spec.numel()])?;
         }
         let params = backend.from_f32(&host, dtype)?;
+        backend.set_mixed_precision((dtype != DType::F32).then_some(dtype));
         Ok(OptModel { cfg, layout, params, backend, hooks: None })
     }
 
@@ -52,6 +53,7 @@ impl<B: Backend> OptModel<B> {
         let mut host = vec![0f32; layout.total()];
         metaseq_init(&cfg, &layout, &mut host, std, seed);
         let params = backend.from_f32(&host, dtype)?;
+        backend.set_mixed_precision((dtype != DType::F32).then_some(dtype));
         Ok(OptModel { cfg, layout, params, backend, hooks: None })
     }
 
@@ -62,6 +64,7 @@ impl<B: Backend> OptModel<B> {
             return Err(ModelError::Input(format!("{} parameters given, layout has {}", host.len(), layout.total())));
         }
         let params = backend.from_f32(host, dtype)?;
+        backend.set_mixed_precision((dtype != DType::F32).then_some(dtype));
         Ok(OptModel { cfg, layout, params, backend, hooks: None })
     }
 

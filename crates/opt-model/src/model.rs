@@ -174,10 +174,6 @@ pub struct TrainState<B: Backend> {
     dlnb: B::Buf,
 }
 
-/// Rows of logits computed at once in the fused loss (bounds the logits memory to
-/// `LOSS_CHUNK * V` floats instead of `N * V`).
-const LOSS_CHUNK: usize = 128;
-
 impl<B: Backend> TrainState<B> {
     pub fn new(model: &OptModel<B>, batch: usize, seq: usize) -> Result<Self> {
         let cfg = &model.cfg;
@@ -210,8 +206,10 @@ impl<B: Backend> TrainState<B> {
             df2: z(n * f)?,
             dxp: z(n * dp)?,
             demb: z(n * dp)?,
-            logits: z(LOSS_CHUNK.min(n) * v)?,
-            losses: z(LOSS_CHUNK.min(n))?,
+            // The fused loss computes `loss_chunk_rows` rows of logits at a time, so the logits
+            // take `chunk × V` floats instead of `N × V`.
+            logits: z(be.loss_chunk_rows().max(1).min(n) * v)?,
+            losses: z(be.loss_chunk_rows().max(1).min(n))?,
             dlnw: z(c)?,
             dlnb: z(c)?,
         })
@@ -317,12 +315,7 @@ impl<B: Backend> OptModel<B> {
         let be = &self.backend;
         let (dp, vl) = (self.cfg.word_embed_proj_dim, self.layout.vocab);
         let mut local = be.zeros(DType::F32, rows * vl)?;
-        be.matmul(
-            local.vm(),
-            xp,
-            self.p(self.layout.lm_head_or_wte(), vl * dp),
-            &Gemm::new(rows, vl, dp, false, true),
-        )?;
+        be.linear(local.vm(), xp, self.p(self.layout.lm_head_or_wte(), vl * dp), None, rows, dp, vl)?;
         let Some(h) = &self.hooks else { return Ok(local) };
         let parts = h.all_gather_host(&be.to_f32(local.v())?)?;
         let v = self.cfg.vocab_size;
@@ -403,6 +396,10 @@ impl<B: Backend> OptModel<B> {
         out_dim: usize,
     ) -> Result<()> {
         let be = &self.backend;
+        if self.hooks.is_none() {
+            // No tensor parallelism: nothing to reduce between the product and the bias.
+            return Ok(be.linear(out, x, self.p(w, out_dim * in_dim), self.po(b, out_dim), rows, in_dim, out_dim)?);
+        }
         be.matmul(out.rb(), x, self.p(w, out_dim * in_dim), &Gemm::new(rows, out_dim, in_dim, false, true))?;
         self.tp_reduce(out.rb())?;
         if let Some(b) = b {
@@ -423,7 +420,7 @@ impl<B: Backend> OptModel<B> {
     #[allow(clippy::too_many_arguments)]
     fn linear(
         &self,
-        mut out: ViewMut<'_, B::Buf>,
+        out: ViewMut<'_, B::Buf>,
         x: View<'_, B::Buf>,
         w: usize,
         b: Option<usize>,
@@ -432,10 +429,7 @@ impl<B: Backend> OptModel<B> {
         out_dim: usize,
     ) -> Result<()> {
         let be = &self.backend;
-        be.matmul(out.rb(), x, self.p(w, out_dim * in_dim), &Gemm::new(rows, out_dim, in_dim, false, true))?;
-        if let Some(b) = b {
-            be.bias_add(out, self.p(b, out_dim), out_dim)?;
-        }
+        be.linear(out, x, self.p(w, out_dim * in_dim), self.po(b, out_dim), rows, in_dim, out_dim)?;
         Ok(())
     }
 
@@ -530,12 +524,11 @@ impl<B: Backend> OptModel<B> {
         let probs = if keep_probs { Some(acts.probs.at_mut(0, batch * self.local_heads() * t * t)) } else { None };
         match cache {
             LayerKv::Shared { k: kc, v: vc, past, cap } => {
-                // Append this call's keys/values to the cache rows [past, past + t).
-                for b in 0..batch {
-                    let dst = (b * cap + past) * ca;
-                    be.copy(kc.at_mut(dst, t * ca), acts.k.at(b * t * ca, t * ca))?;
-                    be.copy(vc.at_mut(dst, t * ca), acts.v.at(b * t * ca, t * ca))?;
-                }
+                // Append this call's keys/values to the cache rows [past, past + t): one strided
+                // copy per tensor (row b of the cache starts b·cap positions in).
+                let span = (batch - 1) * cap * ca + t * ca;
+                be.copy_2d(kc.at_mut(past * ca, span), cap * ca, acts.k.at(0, batch * t * ca), t * ca, batch, t * ca)?;
+                be.copy_2d(vc.at_mut(past * ca, span), cap * ca, acts.v.at(0, batch * t * ca), t * ca, batch, t * ca)?;
                 dims.tk = past + t;
                 dims.q_offset = past;
                 dims.kv_batch_stride = cap * ca;
@@ -915,7 +908,7 @@ impl<B: Backend> OptModel<B> {
         let mut total_loss = 0f64;
         let mut r0 = 0;
         while r0 < n {
-            let rows = LOSS_CHUNK.min(n - r0);
+            let rows = be.loss_chunk_rows().max(1).min(n - r0);
             let xp = st.xp.at(r0 * dp, rows * dp);
             be.matmul(
                 st.logits.at_mut(0, rows * v),

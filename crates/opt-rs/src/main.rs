@@ -19,7 +19,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "opt-rs", version, about = "OPT language models in Rust: score, tokenize, benchmark")]
 struct Cli {
-    /// Where to run: cpu, or cuda[:N] in a build with `--features cuda` (score and bench so far).
+    /// Where to run: cpu, or cuda[:N] in a build with `--features cuda` (score, bench and train so far).
     #[arg(long, global = true, default_value = "cpu", value_parser = clap::value_parser!(device::Device))]
     device: device::Device,
     /// Worker threads for the CPU kernels (default: all cores).

@@ -208,6 +208,16 @@ pub trait Backend: Send + Sync {
     fn memory_in_use(&self) -> Option<u64> {
         None
     }
+    /// Mixed-precision hint, set by a model whose weights are stored in `dtype` (bf16/f16), or
+    /// `None` for f32: kernels may then round activations to that type where torch's autocast
+    /// would (a GPU runs attention's two products on tensor cores). The CPU backend, the
+    /// reference, computes in f32 regardless.
+    fn set_mixed_precision(&self, _dtype: Option<DType>) {}
+    /// Rows of logits the fused training loss computes at once: bounds the logits buffer to
+    /// `rows × vocab` floats. Small on the CPU (cache-sized); a GPU wants fewer, larger products.
+    fn loss_chunk_rows(&self) -> usize {
+        128
+    }
 
     // ---- memory -------------------------------------------------------------------------
     /// A zero-filled buffer.
@@ -235,6 +245,27 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
 
     // ---- dense algebra ----------------------------------------------------------------------
+    /// A linear layer: `out[rows, out_dim] = x[rows, in_dim] · wᵀ (+ bias)` with `w` stored
+    /// `[out_dim, in_dim]` (PyTorch's layout). The default is [`Backend::matmul`] then
+    /// [`Backend::bias_add`]; a backend may fuse them (a GPU's decoding steps, where `rows` is a
+    /// handful and every launch counts).
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        mut out: ViewMut<'_, Self::Buf>,
+        x: View<'_, Self::Buf>,
+        w: View<'_, Self::Buf>,
+        bias: Option<View<'_, Self::Buf>>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        self.matmul(out.rb(), x, w, &Gemm::new(rows, out_dim, in_dim, false, true))?;
+        match bias {
+            Some(b) => self.bias_add(out, b, out_dim),
+            None => Ok(()),
+        }
+    }
     /// Batched, optionally transposed matrix multiply (see [`Gemm`]). `a` and `b` may be any
     /// dtype; `out` is f32.
     fn matmul(
