@@ -17,6 +17,9 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 DEADLINE=${1:-420}
+# "quick": correctness, opt-rs figures and profiles only (no PyTorch peer, no ceilings): for a
+# check between changes; the table with ratios needs the full run.
+MODE=${2:-full}
 OUT=${OUT:-/tmp/opt-rs-gpu}
 mkdir -p "$OUT"
 RES="$OUT/results.jsonl"
@@ -75,7 +78,7 @@ step model 60 "$BIN/opt-cuda-model" --ignored --test-threads=1
 # NCCL: the image's PyTorch ships libnccl (nvidia-nccl wheel); cudarc opens it at run time.
 NCCL_DIR=$(dirname "$(find /opt /usr -name 'libnccl.so*' 2>/dev/null | head -n 1)" 2>/dev/null)
 [[ -n "$NCCL_DIR" && -d "$NCCL_DIR" ]] && export LD_LIBRARY_PATH="$LD_LIBRARY_PATH:$NCCL_DIR"
-step nccl 60 "$BIN/opt-dist-nccl" --ignored --test-threads=1 --nocapture
+[[ $MODE == full ]] && step nccl 60 "$BIN/opt-dist-nccl" --ignored --test-threads=1 --nocapture
 step score_parity 60 python3 bench/gpu/score_parity.py "$OPT"
 
 # ---- 4. the table, opt-rs first (bf16 weights / bf16 GEMMs with f32 master weights) ----------
@@ -91,9 +94,11 @@ step prof_decode_125m 40 env OPT_RS_CUDA_PROFILE=1 "$OPT" bench --device cuda --
 step prof_generate_125m_b32 40 env OPT_RS_CUDA_PROFILE=1 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 32 --prompt 128 --new-tokens 32 --reps 2
 
 # ---- 5. the ceilings and the PyTorch peer, same call ---------------------------------------
-step ceilings 40 python3 bench/gpu/ceilings.py
-step hf_generate 120 python3 bench/gpu/hf_gpu_baseline.py gen:125m gen:1.3b
-step hf_train 90 python3 bench/gpu/hf_gpu_baseline.py train:125m train:1.3b
+if [[ $MODE == full ]]; then
+    step ceilings 40 python3 bench/gpu/ceilings.py
+    step hf_generate 120 python3 bench/gpu/hf_gpu_baseline.py gen:125m gen:1.3b
+    step hf_train 90 python3 bench/gpu/hf_gpu_baseline.py train:125m train:1.3b
+fi
 
 # ---- 6. loss curves, CPU against CUDA, f32 -------------------------------------------------
 for dev in cpu cuda; do

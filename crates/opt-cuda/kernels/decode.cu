@@ -4,15 +4,29 @@
 
 #define LS_MAXM 8
 
+// Exact GELU x·Φ(x), as elementwise.cu's (the CPU reference's formula).
+__device__ __forceinline__ float ls_gelu(float xf) {
+    double x = (double)xf;
+    return (float)(x * 0.5 * erfc(-x * 0.70710678118654752440));
+}
+
 // out[i, col] = sum_k x[i, k] * w[col, k] (+ bias[col]) for i < m <= LS_MAXM: x f32 [m, k], w
 // bf16/f16 [n, k] (`wdt`), bias in dtype `bdt` (or null), out f32 [m, n]. One warp per output
 // column; lane l reads 8 weights (16 bytes) at k = 8 l + 256 j, so each weight row streams
 // coalesced, once, whatever m is. The host guarantees k % 8 == 0 and 16-byte aligned x and w.
+// Epilogues: `pre` (or null) receives the value before the activation; `act` (-1 none, 0 ReLU,
+// 1 GELU) is applied; `res` (or null) is added. blockIdx.y picks one of up to three
+// (out, w, bias) triples that share x and the shape (attention's q, k, v in one launch).
 extern "C" __global__ void __launch_bounds__(256)
-    linear_small(float* out, const float* x, const u16* w, const void* bias, u32 m, u32 n, u32 k, int wdt, int bdt) {
+    linear_small(float* out0, const float* x, const u16* w0, const void* bias0, u32 m, u32 n, u32 k, int wdt,
+                 int bdt, const float* res, float* pre, int act, float* out1, const u16* w1, const void* bias1,
+                 float* out2, const u16* w2, const void* bias2) {
     const u32 warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const u32 col = blockIdx.x * 8 + warp;
     if (col >= n) return; // the whole warp: col is per warp
+    float* out = blockIdx.y == 0 ? out0 : (blockIdx.y == 1 ? out1 : out2);
+    const u16* w = blockIdx.y == 0 ? w0 : (blockIdx.y == 1 ? w1 : w2);
+    const void* bias = blockIdx.y == 0 ? bias0 : (blockIdx.y == 1 ? bias1 : bias2);
     float acc[LS_MAXM];
 #pragma unroll
     for (int i = 0; i < LS_MAXM; i++) acc[i] = 0.0f;
@@ -42,7 +56,15 @@ extern "C" __global__ void __launch_bounds__(256)
     for (int i = 0; i < LS_MAXM; i++) {
         if ((u32)i < m) { // m is uniform across the warp, so every lane reaches the shuffles
             const float s = warp_sum(acc[i]);
-            if (lane == 0) out[(u64)i * n + col] = s + bv;
+            if (lane == 0) {
+                const u64 o = (u64)i * n + col;
+                float v = s + bv;
+                if (pre != 0) pre[o] = v;
+                if (act == 0) v = v < 0.0f ? 0.0f : v;
+                else if (act == 1) v = ls_gelu(v);
+                if (res != 0) v = res[o] + v;
+                out[o] = v;
+            }
         }
     }
 }
@@ -75,6 +97,7 @@ extern "C" __global__ void __launch_bounds__(256)
         if (j <= q_offset && (mb == 0 || mb[j] != 0)) {
             const float* kr = kb + (u64)j * c;
             float acc = 0.0f;
+#pragma unroll 16
             for (u32 d = 0; d < hs; d++) acc += qs[d] * kr[d];
             s = acc * scale;
         }
@@ -93,8 +116,17 @@ extern "C" __global__ void __launch_bounds__(256)
     const float inv = 1.0f / l;
     const u32 g = threadIdx.x / 64, d0 = threadIdx.x % 64;
     for (u32 d = d0; d < hs; d += 64) {
-        float acc = 0.0f;
-        for (u32 j = g; j < tk; j += 4) acc += pr[j] * vb[(u64)j * c + d];
+        // Four independent sums keep several loads of V in flight.
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+        u32 j = g;
+        for (; j + 12 < tk; j += 16) {
+            a0 += pr[j] * vb[(u64)j * c + d];
+            a1 += pr[j + 4] * vb[(u64)(j + 4) * c + d];
+            a2 += pr[j + 8] * vb[(u64)(j + 8) * c + d];
+            a3 += pr[j + 12] * vb[(u64)(j + 12) * c + d];
+        }
+        for (; j < tk; j += 4) a0 += pr[j] * vb[(u64)j * c + d];
+        const float acc = (a0 + a1) + (a2 + a3);
         part[g * hs + d] = acc;
     }
     __syncthreads();

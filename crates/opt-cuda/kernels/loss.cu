@@ -51,3 +51,36 @@ extern "C" __global__ void log_softmax(float* out, const float* logits, u32 voca
     float lse = (float)log(block_sum_f64(se, dbuf));
     for (u32 c = threadIdx.x; c < vocab; c += blockDim.x) o[c] = x[c] - mx - lse;
 }
+
+// Greedy decoding's choice: idx[row] = the first index of the row's largest logit. One block of
+// LOSS_THREADS threads per row; ties resolve to the smaller index at every step, so the result
+// equals a left-to-right scan.
+extern "C" __global__ void argmax_rows(u32* idx, const float* logits, u32 vocab) {
+    __shared__ float vbuf[LOSS_THREADS];
+    __shared__ u32 ibuf[LOSS_THREADS];
+    const float* x = logits + (u64)blockIdx.x * vocab;
+    float bv = NEG_INF;
+    u32 bi = 0xffffffffu;
+    for (u32 j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float v = x[j];
+        if (v > bv || (v == bv && j < bi)) {
+            bv = v;
+            bi = j;
+        }
+    }
+    vbuf[threadIdx.x] = bv;
+    ibuf[threadIdx.x] = bi;
+    __syncthreads();
+    for (u32 s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) {
+            const float v = vbuf[threadIdx.x + s];
+            const u32 i = ibuf[threadIdx.x + s];
+            if (v > vbuf[threadIdx.x] || (v == vbuf[threadIdx.x] && i < ibuf[threadIdx.x])) {
+                vbuf[threadIdx.x] = v;
+                ibuf[threadIdx.x] = i;
+            }
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) idx[blockIdx.x] = ibuf[0];
+}

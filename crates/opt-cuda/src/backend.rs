@@ -635,6 +635,101 @@ impl CudaBackend {
     }
 }
 
+/// Optional epilogues of the small-row linear kernel (see decode.cu's `linear_small`).
+#[derive(Clone, Copy)]
+struct SmallEpilogue {
+    /// Where the value before the activation goes (0 = nowhere).
+    pre: u64,
+    /// -1 none, 0 ReLU, 1 GELU.
+    act: i32,
+    /// An f32 residual added last (0 = none).
+    res: u64,
+}
+
+impl Default for SmallEpilogue {
+    fn default() -> Self {
+        SmallEpilogue { pre: 0, act: -1, res: 0 }
+    }
+}
+
+/// Whether `linear_small` can run: a decoding step's few rows, bf16/f16 weights and 16-byte
+/// aligned rows (otherwise cuBLAS does the product).
+fn small_linear_ok(rows: usize, x: &View<'_, CudaBuf>, ws: &[&View<'_, CudaBuf>], in_dim: usize) -> bool {
+    (1..=LINEAR_SMALL_MAX_ROWS).contains(&rows)
+        && x.buf.dtype == DType::F32
+        && in_dim.is_multiple_of(8)
+        && x.buf.addr(x.off).is_multiple_of(16)
+        && ws.iter().all(|w| {
+            matches!(w.buf.dtype, DType::BF16 | DType::F16)
+                && w.buf.dtype == ws[0].buf.dtype
+                && w.buf.addr(w.off).is_multiple_of(16)
+        })
+}
+
+impl CudaBackend {
+    /// The f32 address of a linear layer's output after checking its length.
+    fn linear_out(&self, op: &'static str, out: &ViewMut<'_, CudaBuf>, len: usize) -> Result<u64> {
+        let o = self.out_f32(op, out)?;
+        expect_len(op, "out", out.len, len)?;
+        Ok(o)
+    }
+
+    /// A weight's and its bias's addresses and the bias dtype code, after checking them.
+    fn linear_weight(
+        &self,
+        op: &'static str,
+        w: &View<'_, CudaBuf>,
+        bias: Option<&View<'_, CudaBuf>>,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<(u64, u64, i32)> {
+        bounds(op, w.buf.len, w.off, w.len).map_err(|e| shape_err(op, format!("w: {e}")))?;
+        expect_len(op, "w", w.len, out_dim * in_dim)?;
+        let (pb, bdt) = match bias {
+            Some(b) => {
+                bounds(op, b.buf.len, b.off, b.len)?;
+                expect_len(op, "bias", b.len, out_dim)?;
+                (b.buf.addr(b.off), dtype_code(b.buf.dtype))
+            }
+            None => (0, 0),
+        };
+        Ok((w.buf.addr(w.off), pb, bdt))
+    }
+
+    /// Launch `linear_small` for up to three `(out, w, bias)` triples sharing `x` and the shape.
+    #[allow(clippy::too_many_arguments)]
+    fn linear_small(
+        &self,
+        triples: &[(u64, u64, u64)],
+        x: &View<'_, CudaBuf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+        (wdt, bdt): (DType, i32),
+        epi: SmallEpilogue,
+    ) -> Result<()> {
+        const OP: &str = "linear";
+        bounds(OP, x.buf.len, x.off, x.len).map_err(|e| shape_err(OP, format!("x: {e}")))?;
+        expect_len(OP, "x", x.len, rows * in_dim)?;
+        if out_dim == 0 || triples.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        let t = |i: usize| triples.get(i).copied().unwrap_or((0, 0, 0));
+        let ((o0, w0, b0), (o1, w1, b1), (o2, w2, b2)) = (t(0), t(1), t(2));
+        let wdt = dtype_code(wdt);
+        let px = x.buf.addr(x.off);
+        let (m, n, k) = (rows as u32, u32c(OP, out_dim)?, u32c(OP, in_dim)?);
+        let (res, pre, act) = (epi.res, epi.pre, epi.act);
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(8), triples.len().min(3) as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "linear_small", cfg, o0, px, w0, b0, m, n, k, wdt, bdt, res, pre, act, o1, w1, b1, o2, w2, b2)
+    }
+}
+
 /// Adds the time from its creation to the GPU's completion of the work queued meanwhile to the
 /// profile when dropped (only when profiling).
 struct ProfGuard<'a> {
@@ -859,14 +954,7 @@ impl Backend for CudaBackend {
         in_dim: usize,
         out_dim: usize,
     ) -> Result<()> {
-        const OP: &str = "linear";
-        let fused = (1..=LINEAR_SMALL_MAX_ROWS).contains(&rows)
-            && matches!(w.buf.dtype, DType::BF16 | DType::F16)
-            && x.buf.dtype == DType::F32
-            && in_dim.is_multiple_of(8)
-            && x.buf.addr(x.off).is_multiple_of(16)
-            && w.buf.addr(w.off).is_multiple_of(16);
-        if !fused {
+        if !small_linear_ok(rows, &x, &[&w], in_dim) {
             self.matmul(out.rb(), x, w, &Gemm::new(rows, out_dim, in_dim, false, true))?;
             return match bias {
                 Some(b) => self.bias_add(out, b, out_dim),
@@ -874,29 +962,88 @@ impl Backend for CudaBackend {
             };
         }
         let _prof = self.prof_with(|| format!("linear_small {rows}x{out_dim}x{in_dim}"));
-        let o = self.out_f32(OP, &out)?;
-        for (what, view) in [("x", &x), ("w", &w)] {
-            bounds(OP, view.buf.len, view.off, view.len).map_err(|e| shape_err(OP, format!("{what}: {e}")))?;
-        }
-        expect_len(OP, "out", out.len, rows * out_dim)?;
-        expect_len(OP, "x", x.len, rows * in_dim)?;
-        expect_len(OP, "w", w.len, out_dim * in_dim)?;
-        let (pb, bdt) = match &bias {
-            Some(b) => {
-                bounds(OP, b.buf.len, b.off, b.len)?;
-                expect_len(OP, "bias", b.len, out_dim)?;
-                (b.buf.addr(b.off), dtype_code(b.buf.dtype))
+        let o = self.linear_out("linear", &out, rows * out_dim)?;
+        let wb = self.linear_weight("linear", &w, bias.as_ref(), in_dim, out_dim)?;
+        self.linear_small(&[(o, wb.0, wb.1)], &x, rows, in_dim, out_dim, (w.buf.dtype, wb.2), SmallEpilogue::default())
+    }
+
+    fn linear3(
+        &self,
+        outs: [ViewMut<'_, CudaBuf>; 3],
+        x: View<'_, CudaBuf>,
+        ws: [View<'_, CudaBuf>; 3],
+        biases: [Option<View<'_, CudaBuf>>; 3],
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let same_dtype = ws.iter().all(|w| w.buf.dtype == ws[0].buf.dtype)
+            && biases.iter().all(|b| b.as_ref().map(|b| b.buf.dtype) == biases[0].as_ref().map(|b| b.buf.dtype));
+        if !same_dtype || !small_linear_ok(rows, &x, &[&ws[0], &ws[1], &ws[2]], in_dim) {
+            for ((out, w), b) in outs.into_iter().zip(ws).zip(biases) {
+                self.linear(out, x, w, b, rows, in_dim, out_dim)?;
             }
-            None => (0, 0),
-        };
-        if out_dim == 0 {
             return Ok(());
         }
-        self.bind()?;
-        let (px, pw, wdt) = (x.buf.addr(x.off), w.buf.addr(w.off), dtype_code(w.buf.dtype));
-        let (m, n, k) = (rows as u32, u32c(OP, out_dim)?, u32c(OP, in_dim)?);
-        let cfg = LaunchConfig { grid_dim: (n.div_ceil(8), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "linear_small", cfg, o, px, pw, pb, m, n, k, wdt, bdt)
+        let _prof = self.prof_with(|| format!("linear3_small {rows}x{out_dim}x{in_dim}"));
+        let mut triples = Vec::with_capacity(3);
+        let mut bdt = 0;
+        for (out, (w, b)) in outs.iter().zip(ws.iter().zip(biases.iter())) {
+            let o = self.linear_out("linear3", out, rows * out_dim)?;
+            let (pw, pb, d) = self.linear_weight("linear3", w, b.as_ref(), in_dim, out_dim)?;
+            bdt = d;
+            triples.push((o, pw, pb));
+        }
+        self.linear_small(&triples, &x, rows, in_dim, out_dim, (ws[0].buf.dtype, bdt), SmallEpilogue::default())
+    }
+
+    fn linear_act(
+        &self,
+        mut pre: ViewMut<'_, CudaBuf>,
+        out: ViewMut<'_, CudaBuf>,
+        x: View<'_, CudaBuf>,
+        w: View<'_, CudaBuf>,
+        bias: Option<View<'_, CudaBuf>>,
+        act: Activation,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        if !small_linear_ok(rows, &x, &[&w], in_dim) {
+            self.linear(pre.rb(), x, w, bias, rows, in_dim, out_dim)?;
+            return self.activation_forward(act, out, pre.as_view());
+        }
+        let _prof = self.prof_with(|| format!("linear_act_small {rows}x{out_dim}x{in_dim}"));
+        let o = self.linear_out("linear_act", &out, rows * out_dim)?;
+        let p = self.linear_out("linear_act", &pre, rows * out_dim)?;
+        let (pw, pb, bdt) = self.linear_weight("linear_act", &w, bias.as_ref(), in_dim, out_dim)?;
+        let epi = SmallEpilogue { pre: p, act: act_code(act), res: 0 };
+        self.linear_small(&[(o, pw, pb)], &x, rows, in_dim, out_dim, (w.buf.dtype, bdt), epi)
+    }
+
+    fn linear_residual(
+        &self,
+        out: ViewMut<'_, CudaBuf>,
+        mut tmp: ViewMut<'_, CudaBuf>,
+        x: View<'_, CudaBuf>,
+        w: View<'_, CudaBuf>,
+        bias: Option<View<'_, CudaBuf>>,
+        residual: View<'_, CudaBuf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        if !small_linear_ok(rows, &x, &[&w], in_dim) || residual.buf.dtype != DType::F32 {
+            self.linear(tmp.rb(), x, w, bias, rows, in_dim, out_dim)?;
+            return self.add(out, residual, tmp.as_view());
+        }
+        let _prof = self.prof_with(|| format!("linear_res_small {rows}x{out_dim}x{in_dim}"));
+        let o = self.linear_out("linear_residual", &out, rows * out_dim)?;
+        bounds("linear_residual", residual.buf.len, residual.off, residual.len)?;
+        expect_len("linear_residual", "residual", residual.len, rows * out_dim)?;
+        let (pw, pb, bdt) = self.linear_weight("linear_residual", &w, bias.as_ref(), in_dim, out_dim)?;
+        let epi = SmallEpilogue { pre: 0, act: -1, res: residual.buf.addr(residual.off) };
+        self.linear_small(&[(o, pw, pb)], &x, rows, in_dim, out_dim, (w.buf.dtype, bdt), epi)
     }
 
     fn matmul(&self, out: ViewMut<'_, CudaBuf>, a: View<'_, CudaBuf>, b: View<'_, CudaBuf>, g: &Gemm) -> Result<()> {
@@ -1555,6 +1702,23 @@ impl Backend for CudaBackend {
         let (v, has_grad, s) = (u32c(OP, vocab)?, grad_scale.is_some() as i32, grad_scale.unwrap_or(0.0));
         let cfg = LaunchConfig { grid_dim: (u32c(OP, rows)?, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
         launch!(self, "cross_entropy", cfg, pl, ploss, pt, v, has_grad, s)
+    }
+
+    fn argmax_rows(&self, logits: View<'_, CudaBuf>, vocab: usize) -> Result<Vec<u32>> {
+        let _prof = self.prof("argmax_rows");
+        const OP: &str = "argmax_rows";
+        let rows = rows_of(OP, "logits", logits.len, vocab)?;
+        if rows == 0 || vocab == 0 {
+            return Ok(Vec::new());
+        }
+        self.bind()?;
+        let x = self.in_f32(OP, logits)?;
+        // The indices come back through an f32-typed buffer, bit for bit.
+        let idx = self.alloc(DType::F32, rows)?;
+        let (pi, px, v) = (idx.ptr, x.ptr, u32c(OP, vocab)?);
+        let cfg = LaunchConfig { grid_dim: (u32c(OP, rows)?, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        launch!(self, "argmax_rows", cfg, pi, px, v)?;
+        Ok(self.to_f32(idx.v())?.into_iter().map(f32::to_bits).collect())
     }
 
     fn log_softmax(&self, out: ViewMut<'_, CudaBuf>, logits: View<'_, CudaBuf>, vocab: usize) -> Result<()> {

@@ -69,7 +69,7 @@ pub const KERNEL_FILES: &[KernelFile] = &[
     KernelFile {
         name: "loss.cu",
         source: include_str!("../kernels/loss.cu"),
-        functions: &["cross_entropy", "log_softmax"],
+        functions: &["cross_entropy", "log_softmax", "argmax_rows"],
     },
     KernelFile { name: "adamw.cu", source: include_str!("../kernels/adamw.cu"), functions: &["adamw"] },
 ];

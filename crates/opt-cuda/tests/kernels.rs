@@ -634,6 +634,95 @@ fn linear_matches_cpu() {
     }
 }
 
+/// The fused decoding epilogues (q/k/v in one launch, fc1 with its activation, a product added
+/// to the residual stream) equal the CPU's unfused sequences, for fused and cuBLAS shapes.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn fused_linear_epilogues_match_cpu() {
+    let (c, g) = (cpu(), gpu());
+    let (in_dim, out_dim) = (256usize, 192usize);
+    for dt in [DType::BF16, DType::F32] {
+        for rows in [1usize, 4, 12] {
+            let fused = rows <= 8 && dt != DType::F32;
+            let tol = if fused || dt == DType::F32 { F32_TOL } else { BF16_TOL };
+            let tag = format!("{rows} rows {dt}");
+            let (cx, gx) = both(&randn(500 + rows as u64, rows * in_dim), DType::F32);
+            let ws: Vec<_> = (0..3).map(|i| both(&randn(510 + i, out_dim * in_dim), dt)).collect();
+            let bs: Vec<_> = (0..3).map(|i| both(&randn(520 + i, out_dim), dt)).collect();
+            // linear3
+            let mut co: Vec<CpuBuf> = (0..3).map(|_| CpuBuf::from_f32_vec(vec![0.0; rows * out_dim])).collect();
+            let mut go: Vec<opt_cuda::CudaBuf> = (0..3).map(|_| outs(rows * out_dim).1).collect();
+            {
+                let [c0, c1, c2] = &mut co[..] else { unreachable!() };
+                let [g0, g1, g2] = &mut go[..] else { unreachable!() };
+                c.linear3(
+                    [c0.vm(), c1.vm(), c2.vm()],
+                    cx.v(),
+                    [ws[0].0.v(), ws[1].0.v(), ws[2].0.v()],
+                    [Some(bs[0].0.v()), None, Some(bs[2].0.v())],
+                    rows,
+                    in_dim,
+                    out_dim,
+                )
+                .unwrap();
+                g.linear3(
+                    [g0.vm(), g1.vm(), g2.vm()],
+                    gx.v(),
+                    [ws[0].1.v(), ws[1].1.v(), ws[2].1.v()],
+                    [Some(bs[0].1.v()), None, Some(bs[2].1.v())],
+                    rows,
+                    in_dim,
+                    out_dim,
+                )
+                .unwrap();
+            }
+            for i in 0..3 {
+                check(&format!("linear3[{i}] {tag}"), &down(&go[i]), co[i].as_f32().unwrap(), tol);
+            }
+            // linear_act, both activations
+            for act in [Activation::Relu, Activation::Gelu] {
+                let (mut cpre, mut gpre) = outs(rows * out_dim);
+                let (mut cact, mut gact) = outs(rows * out_dim);
+                c.linear_act(cpre.vm(), cact.vm(), cx.v(), ws[0].0.v(), Some(bs[0].0.v()), act, rows, in_dim, out_dim)
+                    .unwrap();
+                g.linear_act(gpre.vm(), gact.vm(), gx.v(), ws[0].1.v(), Some(bs[0].1.v()), act, rows, in_dim, out_dim)
+                    .unwrap();
+                check(&format!("linear_act {act:?} pre {tag}"), &down(&gpre), cpre.as_f32().unwrap(), tol);
+                check(&format!("linear_act {act:?} out {tag}"), &down(&gact), cact.as_f32().unwrap(), tol);
+            }
+            // linear_residual
+            let (cr, gr) = both(&randn(530, rows * out_dim), DType::F32);
+            let (mut cout, mut gout) = outs(rows * out_dim);
+            let (mut ctmp, mut gtmp) = outs(rows * out_dim);
+            c.linear_residual(
+                cout.vm(),
+                ctmp.vm(),
+                cx.v(),
+                ws[1].0.v(),
+                Some(bs[1].0.v()),
+                cr.v(),
+                rows,
+                in_dim,
+                out_dim,
+            )
+            .unwrap();
+            g.linear_residual(
+                gout.vm(),
+                gtmp.vm(),
+                gx.v(),
+                ws[1].1.v(),
+                Some(bs[1].1.v()),
+                gr.v(),
+                rows,
+                in_dim,
+                out_dim,
+            )
+            .unwrap();
+            check(&format!("linear_residual {tag}"), &down(&gout), cout.as_f32().unwrap(), tol);
+        }
+    }
+}
+
 /// In mixed precision an f32 × f32 product runs with bf16 operands (autocast's weight
 /// gradients): within bf16 tolerance of the f32 product, and not bit-equal to it.
 #[test]
@@ -653,6 +742,32 @@ fn mixed_precision_matmul_uses_bf16_operands() {
     let got = g.to_f32(go.v()).unwrap();
     let e = rel_err(&got, co.as_f32().unwrap());
     assert!(e <= BF16_TOL && e > 1e-6, "mixed f32 matmul: relative error {e:.3e}");
+}
+
+/// Greedy decoding's argmax on the device equals the CPU's left-to-right scan, ties included.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn argmax_rows_matches_cpu() {
+    let (c, g) = (cpu(), gpu());
+    for &(rows, vocab) in &[(1usize, 50272usize), (32, 50272), (5, 7), (3, 1000)] {
+        let mut x = randn(400 + rows as u64, rows * vocab);
+        let special = vocab >= 1000 && rows > 1;
+        if special {
+            // row 0: the maximum twice (the first must win); last row: all equal
+            x[17] = 100.0;
+            x[vocab - 3] = 100.0;
+            for v in &mut x[(rows - 1) * vocab..] {
+                *v = -3.5;
+            }
+        }
+        let (cx, gx) = both(&x, DType::F32);
+        let want = c.argmax_rows(cx.v(), vocab).unwrap();
+        let got = g.argmax_rows(gx.v(), vocab).unwrap();
+        assert_eq!(got, want, "argmax {rows}x{vocab}");
+        if special {
+            assert_eq!((got[0], got[rows - 1]), (17, 0));
+        }
+    }
 }
 
 // ---- output layer and optimizer -----------------------------------------------------------------

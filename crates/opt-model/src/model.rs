@@ -416,23 +416,6 @@ impl<B: Backend> OptModel<B> {
         off.map(|o| self.params.at(o, len))
     }
 
-    /// `out[rows, out_dim] = x[rows, in_dim] · Wᵀ (+ b)`.
-    #[allow(clippy::too_many_arguments)]
-    fn linear(
-        &self,
-        out: ViewMut<'_, B::Buf>,
-        x: View<'_, B::Buf>,
-        w: usize,
-        b: Option<usize>,
-        rows: usize,
-        in_dim: usize,
-        out_dim: usize,
-    ) -> Result<()> {
-        let be = &self.backend;
-        be.linear(out, x, self.p(w, out_dim * in_dim), self.po(b, out_dim), rows, in_dim, out_dim)?;
-        Ok(())
-    }
-
     /// Embeddings for `ids` at `pos` into `x [N, C]`; the raw token rows go to `emb [N, Dp]`.
     fn embed(&self, x: &mut B::Buf, emb: &mut B::Buf, ids: &[u32], pos: &[u32]) -> Result<()> {
         let be = &self.backend;
@@ -505,9 +488,17 @@ impl<B: Backend> OptModel<B> {
         }
         {
             let a_in = if pre { acts.ln1_out.at(0, nc) } else { acts.x_in.at(0, nc) };
-            self.linear(acts.q.at_mut(0, nca), a_in, l.q_w, l.q_b, n, c, ca)?;
-            self.linear(acts.k.at_mut(0, nca), a_in, l.k_w, l.k_b, n, c, ca)?;
-            self.linear(acts.v.at_mut(0, nca), a_in, l.v_w, l.v_b, n, c, ca)?;
+            // q, k, v: one call (a GPU decoding step runs it as one launch).
+            let (wq, wk, wv) = (self.p(l.q_w, ca * c), self.p(l.k_w, ca * c), self.p(l.v_w, ca * c));
+            be.linear3(
+                [acts.q.at_mut(0, nca), acts.k.at_mut(0, nca), acts.v.at_mut(0, nca)],
+                a_in,
+                [wq, wk, wv],
+                [self.po(l.q_b, ca), self.po(l.k_b, ca), self.po(l.v_b, ca)],
+                n,
+                c,
+                ca,
+            )?;
         }
         let attn_drop = drop.and_then(|d| d.site(li, 2, d.attn_p));
         let mut dims = AttnDims {
@@ -577,11 +568,27 @@ impl<B: Backend> OptModel<B> {
                 )?;
             }
         }
-        self.linear_row(acts.tmp.at_mut(0, nc), acts.attn_y.at(0, nca), l.o_w, l.o_b, n, ca, c)?;
-        if let Some(d) = drop.and_then(|d| d.site(li, 0, d.p)) {
-            be.dropout(acts.tmp.at_mut(0, nc), &d)?;
+        let o_drop = drop.and_then(|d| d.site(li, 0, d.p));
+        if o_drop.is_none() && self.hooks.is_none() {
+            // resid1 = x_in + out_proj(attn_y), the add fused where the backend can.
+            be.linear_residual(
+                acts.resid1.at_mut(0, nc),
+                acts.tmp.at_mut(0, nc),
+                acts.attn_y.at(0, nca),
+                self.p(l.o_w, c * ca),
+                self.po(l.o_b, c),
+                acts.x_in.at(0, nc),
+                n,
+                ca,
+                c,
+            )?;
+        } else {
+            self.linear_row(acts.tmp.at_mut(0, nc), acts.attn_y.at(0, nca), l.o_w, l.o_b, n, ca, c)?;
+            if let Some(d) = o_drop {
+                be.dropout(acts.tmp.at_mut(0, nc), &d)?;
+            }
+            be.add(acts.resid1.at_mut(0, nc), acts.x_in.at(0, nc), acts.tmp.at(0, nc))?;
         }
-        be.add(acts.resid1.at_mut(0, nc), acts.x_in.at(0, nc), acts.tmp.at(0, nc))?;
 
         // --- feed-forward block ---------------------------------------------------------
         if pre {
@@ -609,18 +616,51 @@ impl<B: Backend> OptModel<B> {
             )?;
         }
         {
+            // fc1 and its activation (fc1_pre is kept for the backward pass).
             let f_in = if pre { acts.ln2_out.at(0, nc) } else { acts.ln1_out.at(0, nc) };
-            self.linear(acts.fc1_pre.at_mut(0, n * f), f_in, l.fc1_w, l.fc1_b, n, c, f)?;
+            be.linear_act(
+                acts.fc1_pre.at_mut(0, n * f),
+                acts.fc1_act.at_mut(0, n * f),
+                f_in,
+                self.p(l.fc1_w, f * c),
+                self.po(l.fc1_b, f),
+                cfg.activation(),
+                n,
+                c,
+                f,
+            )?;
         }
-        be.activation_forward(cfg.activation(), acts.fc1_act.at_mut(0, n * f), acts.fc1_pre.at(0, n * f))?;
-        self.linear_row(acts.tmp.at_mut(0, nc), acts.fc1_act.at(0, n * f), l.fc2_w, l.fc2_b, n, f, c)?;
-        if let Some(d) = drop.and_then(|d| d.site(li, 1, d.p)) {
-            be.dropout(acts.tmp.at_mut(0, nc), &d)?;
-        }
-        if pre {
-            be.add(out.rb(), acts.resid1.at(0, nc), acts.tmp.at(0, nc))?;
+        let f_drop = drop.and_then(|d| d.site(li, 1, d.p));
+        if f_drop.is_none() && self.hooks.is_none() {
+            // The residual add fused into fc2 where the backend can.
+            let (dst, residual) = if pre {
+                (out.rb(), acts.resid1.at(0, nc))
+            } else {
+                (acts.resid2.at_mut(0, nc), acts.ln1_out.at(0, nc))
+            };
+            be.linear_residual(
+                dst,
+                acts.tmp.at_mut(0, nc),
+                acts.fc1_act.at(0, n * f),
+                self.p(l.fc2_w, c * f),
+                self.po(l.fc2_b, c),
+                residual,
+                n,
+                f,
+                c,
+            )?;
         } else {
-            be.add(acts.resid2.at_mut(0, nc), acts.ln1_out.at(0, nc), acts.tmp.at(0, nc))?;
+            self.linear_row(acts.tmp.at_mut(0, nc), acts.fc1_act.at(0, n * f), l.fc2_w, l.fc2_b, n, f, c)?;
+            if let Some(d) = f_drop {
+                be.dropout(acts.tmp.at_mut(0, nc), &d)?;
+            }
+            if pre {
+                be.add(out.rb(), acts.resid1.at(0, nc), acts.tmp.at(0, nc))?;
+            } else {
+                be.add(acts.resid2.at_mut(0, nc), acts.ln1_out.at(0, nc), acts.tmp.at(0, nc))?;
+            }
+        }
+        if !pre {
             be.layernorm_forward(
                 out.rb(),
                 acts.ln2_mean.at_mut(0, n),

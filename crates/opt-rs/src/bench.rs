@@ -112,8 +112,8 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
             let mut cache = KvCache::new(&model.backend, &model.cfg, b, a.prompt + steps)?;
             let mut logits = model.forward(&prompt, b, None, Some(&mut cache), LogitsMode::Last)?;
             for _ in 1..steps {
-                let rows = model.backend.to_f32(logits.at(0, b * v))?;
-                let next: Vec<u32> = rows.chunks(v).map(argmax).collect();
+                // Greedy choice where the logits are (on a GPU only the ids cross the bus).
+                let next = model.backend.argmax_rows(logits.at(0, b * v), v)?;
                 logits = model.forward(&next, b, None, Some(&mut cache), LogitsMode::Last)?;
             }
             sync(&model.backend, &logits)
@@ -209,16 +209,6 @@ fn emit(v: serde_json::Value) {
     if writeln!(std::io::stdout(), "{v}").is_err() {
         std::process::exit(0);
     }
-}
-
-fn argmax(row: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in row.iter().enumerate() {
-        if x > row[best] {
-            best = i;
-        }
-    }
-    best as u32
 }
 
 fn round1(x: f64) -> f64 {

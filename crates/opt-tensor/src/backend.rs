@@ -266,6 +266,63 @@ pub trait Backend: Send + Sync {
             None => Ok(()),
         }
     }
+    /// Three linear layers of the same shape over the same input (attention's q, k and v):
+    /// `outs[i] = x · ws[i]ᵀ (+ biases[i])`. The default is three [`Backend::linear`] calls; a
+    /// GPU decoding step runs them as one launch.
+    #[allow(clippy::too_many_arguments)]
+    fn linear3(
+        &self,
+        outs: [ViewMut<'_, Self::Buf>; 3],
+        x: View<'_, Self::Buf>,
+        ws: [View<'_, Self::Buf>; 3],
+        biases: [Option<View<'_, Self::Buf>>; 3],
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        for ((out, w), b) in outs.into_iter().zip(ws).zip(biases) {
+            self.linear(out, x, w, b, rows, in_dim, out_dim)?;
+        }
+        Ok(())
+    }
+    /// A linear layer and its activation: `pre = x · wᵀ (+ bias)`, `out = act(pre)` (both kept:
+    /// the backward pass reads `pre`). The default is [`Backend::linear`] then
+    /// [`Backend::activation_forward`].
+    #[allow(clippy::too_many_arguments)]
+    fn linear_act(
+        &self,
+        mut pre: ViewMut<'_, Self::Buf>,
+        out: ViewMut<'_, Self::Buf>,
+        x: View<'_, Self::Buf>,
+        w: View<'_, Self::Buf>,
+        bias: Option<View<'_, Self::Buf>>,
+        act: Activation,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        self.linear(pre.rb(), x, w, bias, rows, in_dim, out_dim)?;
+        self.activation_forward(act, out, pre.as_view())
+    }
+    /// A linear layer added to a residual stream: `out = residual + (x · wᵀ (+ bias))`, with
+    /// `tmp` as scratch for the product. The default is [`Backend::linear`] into `tmp` then
+    /// [`Backend::add`].
+    #[allow(clippy::too_many_arguments)]
+    fn linear_residual(
+        &self,
+        out: ViewMut<'_, Self::Buf>,
+        mut tmp: ViewMut<'_, Self::Buf>,
+        x: View<'_, Self::Buf>,
+        w: View<'_, Self::Buf>,
+        bias: Option<View<'_, Self::Buf>>,
+        residual: View<'_, Self::Buf>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        self.linear(tmp.rb(), x, w, bias, rows, in_dim, out_dim)?;
+        self.add(out, residual, tmp.as_view())
+    }
     /// Batched, optionally transposed matrix multiply (see [`Gemm`]). `a` and `b` may be any
     /// dtype; `out` is f32.
     fn matmul(
@@ -404,6 +461,30 @@ pub trait Backend: Send + Sync {
     ) -> Result<()>;
     /// Row-wise `out = log_softmax(logits)` for `[rows, vocab]`.
     fn log_softmax(&self, out: ViewMut<'_, Self::Buf>, logits: View<'_, Self::Buf>, vocab: usize) -> Result<()>;
+    /// The index of each row's largest value in `logits [rows, vocab]`, the first one on ties
+    /// (rows are assumed free of NaN): greedy decoding's choice. The default reads the logits back to the
+    /// host; a GPU computes it in place and returns `rows` integers.
+    fn argmax_rows(&self, logits: View<'_, Self::Buf>, vocab: usize) -> Result<Vec<u32>> {
+        if vocab == 0 || !logits.len.is_multiple_of(vocab) {
+            return Err(crate::TensorError::Shape {
+                op: "argmax_rows",
+                detail: format!("{} logits are not rows of {vocab}", logits.len),
+            });
+        }
+        let host = self.to_f32(logits)?;
+        Ok(host
+            .chunks(vocab)
+            .map(|row| {
+                let mut best = 0;
+                for (i, &x) in row.iter().enumerate() {
+                    if x > row[best] {
+                        best = i;
+                    }
+                }
+                best as u32
+            })
+            .collect())
+    }
 
     // ---- optimizer ----------------------------------------------------------------------------
     /// One AdamW step over a window: params (f32 master copy), grads, first and second moments.
