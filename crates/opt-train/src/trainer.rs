@@ -1049,11 +1049,12 @@ fn check_world(cfg: &TrainConfig, info: Option<&RankInfo>) -> Result<()> {
     Err(TrainError::Config {
         key: key.into(),
         detail: format!(
-            "tp × fsdp × dp = {} × {} × {} = {}, but {world} processes were launched{how}",
+            "tp × fsdp × dp = {} × {} × {} = {}, but {world} {} launched{how}",
             p.tp,
             p.fsdp,
             p.dp,
-            p.world()
+            p.world(),
+            if world == 1 { "process was" } else { "processes were" }
         ),
     })
 }
@@ -1086,6 +1087,9 @@ fn load_checkpoint<B: Backend>(par: Option<&dyn Parallel<B>>, dir: &Path) -> Res
     }
 }
 
+/// AdamW's first and second moments, host copies.
+type Moments = (Vec<f32>, Vec<f32>);
+
 /// A multi-rank run's starting point: this rank's whole tensor-parallel slice of the parameters
 /// and, from a checkpoint, its window of the AdamW moments. From a sharded checkpoint the slice
 /// is gathered from the fsdp windows (a collective); from a one-process checkpoint or the
@@ -1096,7 +1100,7 @@ fn rank_state<B: Backend>(
     model_cfg: &OptConfig,
     loaded: Option<&mut checkpoint::Loaded>,
     (lo, hi): (usize, usize),
-) -> Result<(Vec<f32>, Option<(Vec<f32>, Vec<f32>)>)> {
+) -> Result<(Vec<f32>, Option<Moments>)> {
     let n = p.layout(model_cfg).total();
     match loaded {
         Some(l) if l.windowed => {
