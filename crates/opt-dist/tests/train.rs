@@ -144,28 +144,52 @@ fn sharded_losses_match_one_process() {
             .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("shard-")));
         assert_eq!(shards.count(), tp * fsdp, "{plan:?}");
     }
+    // Gradient accumulation: 2 micro-batches of 2 rows, one row per data rank each.
+    let accum = ["train.grad_accum=2".to_string()];
+    let one = single(config(&dir.path().join("one-accum"), &data, ParallelPlan::default(), 4, &accum), false);
+    let plan = ParallelPlan { tp: 2, fsdp: 2, dp: 1 };
+    let ranks = sharded(config(&dir.path().join("accum"), &data, plan, 4, &accum), false);
+    let d = max_loss_diff(&ranks[0], &one);
+    assert!(d <= 1e-4, "grad_accum = 2, {plan:?}: losses {:?} vs {one:?} (max Δ {d:e})", ranks[0]);
+    eprintln!("grad_accum = 2, {plan:?}: 4 losses within {d:e} of one process");
 }
 
 #[test]
 fn sharded_resume_is_bit_exact() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let data = dir.path().join("train.jsonl");
-    write_data(&data);
-    let plan = ParallelPlan { tp: 2, fsdp: 2, dp: 1 };
-    let full = sharded(config(&dir.path().join("a"), &data, plan, 6, &[]), false);
-    let b = dir.path().join("b");
-    let first = sharded(config(&b, &data, plan, 3, &["run.checkpoint_every=0".into()]), false);
-    let second = sharded(config(&b, &data, plan, 6, &[]), true);
-    let resumed: Vec<(f64, f64)> = first[0].iter().chain(&second[0]).copied().collect();
-    let bits = |v: &[(f64, f64)]| v.iter().map(|x| (x.0.to_bits(), x.1.to_bits())).collect::<Vec<_>>();
-    assert_eq!(bits(&full[0]), bits(&resumed), "\n  full    {:?}\n  resumed {resumed:?}", full[0]);
-    // The final shards are identical too.
-    for t in 0..2 {
-        for f in 0..2 {
-            let name = format!("shard-tp{t:02}-fsdp{f:03}.safetensors");
-            let x = std::fs::read(ck(&dir.path().join("a"), 6).join(&name)).expect("a");
-            let y = std::fs::read(ck(&b, 6).join(&name)).expect("b");
-            assert!(x == y, "{name} differs");
+    // Every precision (fp16 exercises the loss scaler's cross-rank overflow vote), with dropout
+    // on (per-data-rank masks) and gradient accumulation.
+    for precision in ["f32", "bf16", "fp16"] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("train.jsonl");
+        write_data(&data);
+        let plan = ParallelPlan { tp: 2, fsdp: 2, dp: 1 };
+        let extra = |more: &[&str]| -> Vec<String> {
+            let mut v = vec![
+                format!("train.precision={precision}"),
+                "model.dropout=0.1".into(),
+                "train.grad_accum=2".into(),
+                "fp16.scale_window=2".into(),
+            ];
+            v.extend(more.iter().map(|s| s.to_string()));
+            v
+        };
+        let a = dir.path().join("a");
+        let full = sharded(config(&a, &data, plan, 6, &extra(&[])), false);
+        let b = dir.path().join("b");
+        let first = sharded(config(&b, &data, plan, 3, &extra(&["run.checkpoint_every=0"])), false);
+        let second = sharded(config(&b, &data, plan, 6, &extra(&[])), true);
+        let resumed: Vec<(f64, f64)> = first[0].iter().chain(&second[0]).copied().collect();
+        let bits = |v: &[(f64, f64)]| v.iter().map(|x| (x.0.to_bits(), x.1.to_bits())).collect::<Vec<_>>();
+        assert_eq!(bits(&full[0]), bits(&resumed), "{precision}\n  full    {:?}\n  resumed {resumed:?}", full[0]);
+        assert!(full[0].iter().all(|x| x.0.is_finite()), "{precision}: {:?}", full[0]);
+        // The final shards are identical too.
+        for t in 0..2 {
+            for f in 0..2 {
+                let name = format!("shard-tp{t:02}-fsdp{f:03}.safetensors");
+                let x = std::fs::read(ck(&a, 6).join(&name)).expect("a");
+                let y = std::fs::read(ck(&b, 6).join(&name)).expect("b");
+                assert!(x == y, "{precision}: {name} differs");
+            }
         }
     }
 }
