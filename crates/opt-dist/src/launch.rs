@@ -69,9 +69,11 @@ impl Launch {
             #[cfg(feature = "mpi")]
             Launch::Mpi { .. } => Ok(Arc::new(crate::mpi::MpiComm::world(timeout)?)),
             #[cfg(not(feature = "mpi"))]
-            Launch::Mpi { .. } => {
-                Err(DistError::Env("launched by mpirun, but this binary was built without the `mpi` feature".into()))
-            }
+            Launch::Mpi { .. } => Err(DistError::Env(
+                "launched by mpirun, but this binary was built without the `mpi` feature (rebuild with \
+                 `--features mpi`, or launch with torchrun-style RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+                    .into(),
+            )),
         }
     }
 }
