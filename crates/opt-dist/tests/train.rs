@@ -325,3 +325,41 @@ fn bad_layouts_name_the_key() {
     .expect("error");
     assert!(e.to_string().contains("opt-rs checkpoint reshard"), "{e}");
 }
+
+#[test]
+fn nonfinite_steps_roll_back_every_rank_together() {
+    // NaN gradients on tp rank 0 / fsdp rank 0 only, three steps in a row: the reduced norm is NaN
+    // on every rank, every rank skips, then all roll back to the sharded step-2 checkpoint
+    // together and finish.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("train.jsonl");
+    write_data(&data);
+    let plan = ParallelPlan { tp: 2, fsdp: 2, dp: 1 };
+    let run = dir.path().join("g");
+    let guards: Vec<String> = ["guards.enabled=true", "guards.warmup_steps=0", "guards.max_nonfinite=3"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let cfg = config(&run, &data, plan, 6, &guards);
+    let ranks = run_threads(4, move |w| {
+        let rank = w.rank();
+        let mut t = trainer(w, cfg.clone(), false).expect("trainer");
+        let mut fired = 0;
+        t.inject_faults(move |s| {
+            (rank == 0 && s >= 3 && fired < 3).then(|| {
+                fired += 1;
+                opt_train::trainer::Fault::NanGradient
+            })
+        });
+        let mut obs = Steps::default();
+        t.run(&mut obs).expect("run");
+        (obs.0.iter().map(|x| (x.0.to_bits(), x.1.to_bits())).collect::<Vec<_>>(), t.state().step, t.state().rollbacks)
+    });
+    for r in &ranks {
+        assert_eq!(r, &ranks[0], "ranks disagree");
+    }
+    assert_eq!((ranks[0].1, ranks[0].2), (6, 1), "ends at step 6 after one rollback");
+    let log = std::fs::read_to_string(run.join("logbook.jsonl")).expect("logbook");
+    assert_eq!(log.matches("\"event\":\"nonfinite_skipped\"").count(), 2, "{log}");
+    assert_eq!(log.matches("\"event\":\"rollback\"").count(), 1, "{log}");
+}
