@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Distributed parity under mpirun (OpenMPI, CPU): tp=2, fsdp=2, tp=2×fsdp=2 training vs the
 # PyTorch fixture, tensor-parallel greedy generation, tp=2 checkpoint reload + reshard to tp=1,
-# and a dead rank ending the job instead of hanging. The same checks also run in-process (ranks
-# as threads over TCP) in `cargo test -p opt-dist`.
+# and a dead rank ending the job instead of hanging. Then the real `opt-rs train` under
+# `mpirun -np N` (and a torchrun-style TCP launch) with [parallel] tp / fsdp / dp: per-step
+# losses equal the one-process run's within 1e-4 with clipping on, a sharded run resumes
+# exactly, `opt-rs checkpoint reshard` to one process resumes, and bad layouts are clear errors.
+# The same checks also run in-process (ranks as threads over TCP) in `cargo test -p opt-dist`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,4 +44,96 @@ if [ "$rc" -eq 124 ]; then
     exit 1
 fi
 echo "dead rank: job ended with status $rc after $(( $(date +%s) - start )) s"
+
+# --- opt-rs train, sharded -------------------------------------------------------------------
+cargo build --release -p opt-rs --features mpi
+OPT="${CARGO_TARGET_DIR:-target}/release/opt-rs"
+W="$CK/train"
+mkdir -p "$W"
+# 32 rows of 17 ids below the fixture's 512-token vocabulary (a small exact LCG).
+awk 'BEGIN { x = 12345; for (r = 0; r < 32; r++) { printf "{\"ids\": [2"
+      for (i = 0; i < 16; i++) { x = (x * 75 + 74) % 65537; printf ", %d", 4 + x % 500 }
+      print "]}" } }' >"$W/train.jsonl"
+SETS=(--set model.init_from=fixtures/pre_ln --set model.dropout=0.0 --set model.attention_dropout=0.0
+      --set "data.train=$W/train.jsonl" --set 'data.valid=""' --set data.seq_len=16
+      --set optim.lr=3e-3 --set optim.clip_norm=0.5 --set schedule.warmup_steps=2 --set schedule.total_steps=6
+      --set train.batch_size=4 --set guards.enabled=false --set run.log_every=1 --set run.checkpoint_every=2
+      --set run.keep_last=10 --set run.eval_every=0 --set run.eval_batches=0 --set 'sample.prompts=[]')
+train() { # train RUN_DIR NP [opt-rs train args...]
+    local dir=$1 np=$2
+    shift 2
+    if [ "$np" -eq 1 ]; then
+        "$OPT" train "${SETS[@]}" --set "run.dir=$W/$dir" "$@" >"$W/$dir.out" 2>&1
+    else
+        "${MPI[@]}" -np "$np" "$OPT" train "${SETS[@]}" --set "run.dir=$W/$dir" "$@" >"$W/$dir.out" 2>&1
+    fi || { cat "$W/$dir.out" >&2; echo "dist_tests: opt-rs train ($dir) failed" >&2; exit 1; }
+}
+losses() { grep '"kind":"train"' "$W/$1/logbook.jsonl" | sed -E 's/.*"loss":([^,}]*).*/\1/'; }
+norms() { grep '"kind":"train"' "$W/$1/logbook.jsonl" | sed -E 's/.*"grad_norm":([^,}]*).*/\1/'; }
+# compare NAME A B [skip]: the losses of run A (from its step skip+1) and of run B, within 1e-4.
+compare() {
+    local name=$1 a=$2 b=$3 skip=${4:-0}
+    paste <(losses "$a" | tail -n +$((skip + 1))) <(losses "$b") | awk -v name="$name" '
+        { d = $1 - $2; if (d < 0) d = -d; if (d > m) m = d; n++ }
+        END { if (n == 0) { print name ": no losses" > "/dev/stderr"; exit 1 }
+              if (m > 1e-4) { printf "%s: losses differ by %g\n", name, m > "/dev/stderr"; exit 1 }
+              printf "%s: %d losses within %.2e of the reference\n", name, n, m }'
+}
+
+train one 1 --set train.max_steps=4
+norms one | awk '$1 <= 0.5 { print "dist_tests: clipping never acted (grad norm " $1 ")" > "/dev/stderr"; exit 1 }'
+train tp2 2 --set train.max_steps=4 --set parallel.tp=2
+compare "mpirun -np 2 opt-rs train, tp=2" one tp2
+train fsdp2 2 --set train.max_steps=4 --set parallel.fsdp=2
+compare "mpirun -np 2 opt-rs train, fsdp=2" one fsdp2
+train dp2 2 --set train.max_steps=4 --set parallel.dp=2
+compare "mpirun -np 2 opt-rs train, dp=2" one dp2
+train tp2fsdp2 4 --set train.max_steps=4 --set parallel.tp=2 --set parallel.fsdp=2
+compare "mpirun -np 4 opt-rs train, tp=2 × fsdp=2" one tp2fsdp2
+
+# torchrun-style launch (TCP rendezvous, no MPI): fsdp=2.
+PORT=$((29500 + RANDOM % 1000))
+for r in 1 0; do
+    RANK=$r WORLD_SIZE=2 LOCAL_RANK=$r MASTER_ADDR=127.0.0.1 MASTER_PORT=$PORT \
+        "$OPT" train "${SETS[@]}" --set "run.dir=$W/tcp" --set train.max_steps=4 --set parallel.fsdp=2 \
+        >"$W/tcp.$r.out" 2>&1 &
+done
+wait || { cat "$W"/tcp.*.out >&2; echo "dist_tests: torchrun-style launch failed" >&2; exit 1; }
+compare "RANK/WORLD_SIZE launch, fsdp=2" one tcp
+
+# Resume at the same layout: 2 steps, then --resume to 4, equals the uninterrupted run exactly.
+train resumed 4 --set train.max_steps=2 --set parallel.tp=2 --set parallel.fsdp=2
+train resumed 4 --set train.max_steps=4 --set parallel.tp=2 --set parallel.fsdp=2 --resume
+if [ "$(losses resumed)" != "$(losses tp2fsdp2)" ]; then
+    echo "dist_tests: tp=2 × fsdp=2: 2 steps + --resume differ from 4 uninterrupted steps" >&2
+    paste <(losses resumed) <(losses tp2fsdp2) >&2
+    exit 1
+fi
+echo "tp=2 × fsdp=2: 2 steps + --resume to 4 equal the uninterrupted run exactly"
+
+# Reshard the tp=2 × fsdp=2 step-2 checkpoint to one process; it resumes and continues the run.
+mkdir -p "$W/onefrom4/checkpoints"
+"$OPT" checkpoint reshard "$W/tp2fsdp2/checkpoints/step_0000002" "$W/onefrom4/checkpoints/step_0000002" --tp 1 --fsdp 1
+train onefrom4 1 --set train.max_steps=4 --resume
+compare "tp=2 × fsdp=2 checkpoint resharded to one process, resumed" tp2fsdp2 onefrom4 2
+
+# Bad layouts: clear errors naming the key.
+expect_error() { # expect_error TEXT command...
+    local text=$1
+    shift
+    set +e
+    out=$("$@" 2>&1)
+    rc=$?
+    set -e
+    if [ "$rc" -eq 0 ] || ! grep -q -- "$text" <<<"$out"; then
+        echo "dist_tests: expected an error mentioning '$text' from: $*" >&2
+        echo "$out" >&2
+        exit 1
+    fi
+    echo "refused as expected: $(grep -m1 -- "$text" <<<"$out")"
+}
+expect_error "parallel.tp" "$OPT" train "${SETS[@]}" --set "run.dir=$W/bad1" --set parallel.tp=2
+expect_error "parallel.tp" "${MPI[@]}" -np 2 "$OPT" train "${SETS[@]}" --set "run.dir=$W/bad2" --set parallel.tp=4
+expect_error "attention heads" "${MPI[@]}" -np 3 "$OPT" train "${SETS[@]}" --set "run.dir=$W/bad3" \
+    --set parallel.tp=3 --set train.batch_size=3
 echo "dist_tests: all distributed checks passed"

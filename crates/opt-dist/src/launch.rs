@@ -35,6 +35,9 @@ impl Launch {
     pub fn detect(get: &dyn Fn(&str) -> Option<String>) -> Result<Launch> {
         if let (Some(rank), Some(size)) = (num(get, "OMPI_COMM_WORLD_RANK")?, num(get, "OMPI_COMM_WORLD_SIZE")?) {
             let local_rank = num(get, "OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(0);
+            if size <= 1 {
+                return Ok(Launch::Single);
+            }
             return Ok(Launch::Mpi { rank, size, local_rank });
         }
         let (rank, size, local_rank) = match (num(get, "RANK")?, num(get, "WORLD_SIZE")?) {
@@ -66,9 +69,11 @@ impl Launch {
             #[cfg(feature = "mpi")]
             Launch::Mpi { .. } => Ok(Arc::new(crate::mpi::MpiComm::world(timeout)?)),
             #[cfg(not(feature = "mpi"))]
-            Launch::Mpi { .. } => {
-                Err(DistError::Env("launched by mpirun, but this binary was built without the `mpi` feature".into()))
-            }
+            Launch::Mpi { .. } => Err(DistError::Env(
+                "launched by mpirun, but this binary was built without the `mpi` feature (rebuild with \
+                 `--features mpi`, or launch with torchrun-style RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)"
+                    .into(),
+            )),
         }
     }
 }

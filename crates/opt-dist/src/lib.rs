@@ -9,7 +9,9 @@
 //! - [`plan`]: `[parallel] tp, fsdp, dp`, validation, the rank mesh and the Megatron weight split;
 //! - [`tensor_parallel`]: `parallelize`, the hooks the model calls;
 //! - [`sharded`]: FSDP/ZeRO and data-parallel training steps over the flat parameter buffer;
-//! - [`checkpoint`]: per-rank shards and resharding;
+//! - [`train`]: opt-train's trainer run sharded ([`train::MeshParallel`] implements its
+//!   `Parallel` hooks over a [`Mesh`]), and [`train::reshard`] for its sharded checkpoints;
+//! - [`checkpoint`]: per-rank tensor-parallel model shards and resharding;
 //! - [`perf`]: the analytical step-time model.
 
 pub mod checkpoint;
@@ -24,6 +26,7 @@ pub mod plan;
 pub mod sharded;
 pub mod tcp;
 pub mod tensor_parallel;
+pub mod train;
 
 pub use comm::{Communicator, ReduceOp, SelfComm};
 pub use plan::{Mesh, ParallelPlan};
@@ -54,6 +57,20 @@ pub enum DistError {
     Tensor(#[from] opt_tensor::TensorError),
     #[error(transparent)]
     Checkpoint(#[from] opt_checkpoint::CheckpointError),
+    #[error(transparent)]
+    Train(#[from] opt_train::TrainError),
+}
+
+impl From<DistError> for opt_train::TrainError {
+    fn from(e: DistError) -> Self {
+        match e {
+            DistError::Config { key, detail } => {
+                opt_train::TrainError::Config { key: format!("parallel.{key}"), detail }
+            }
+            DistError::Train(t) => t,
+            other => opt_train::TrainError::Parallel(other.to_string()),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, DistError>;

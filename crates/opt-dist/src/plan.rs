@@ -193,7 +193,7 @@ pub fn unshard_params(cfg: &OptConfig, shards: &[Vec<f32>]) -> Result<Vec<f32>> 
 
 /// Move the `rank`-th slice between a full tensor (`full_shape`) and a local one: full → local
 /// when `to_local`, local → full otherwise (`a` is then the local source, `b` the full target).
-fn copy_slice(
+pub(crate) fn copy_slice(
     split: Split,
     full_shape: &[usize],
     local_shape: &[usize],

@@ -1,10 +1,7 @@
 //! `opt-rs dist`: distributed tools. `dist model` prints the analytical step-time table for
-//! OPT-175B (see `opt_dist::perf`); `dist reshard` rewrites a tensor-parallel checkpoint at
-//! another `tp`.
+//! OPT-175B (see `opt_dist::perf`); `dist reshard` is `opt-rs checkpoint reshard`.
 
-use std::path::PathBuf;
-
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 #[derive(clap::Args)]
 pub struct DistArgs {
@@ -16,17 +13,9 @@ pub struct DistArgs {
 enum DistCmd {
     /// Predicted step time and MFU of OPT-175B on 1024 A100s / H100s for several tp × fsdp.
     Model,
-    /// Rewrite a tensor-parallel checkpoint folder (model-tpXX-of-YY.safetensors +
-    /// parallel.json) at another tensor-parallel degree (`--tp 1` consolidates).
-    Reshard {
-        /// Folder written at the old layout.
-        src: PathBuf,
-        /// Folder to write.
-        dst: PathBuf,
-        /// New tensor-parallel degree.
-        #[arg(long)]
-        tp: usize,
-    },
+    /// The same as `opt-rs checkpoint reshard`: rewrite a tensor-parallel model folder or a
+    /// training checkpoint at another `--tp` (and `--fsdp`); `--tp 1` consolidates.
+    Reshard(crate::checkpoint::ReshardArgs),
 }
 
 pub fn run(a: DistArgs) -> Result<()> {
@@ -35,11 +24,6 @@ pub fn run(a: DistArgs) -> Result<()> {
             print!("{}", opt_dist::perf::table());
             Ok(())
         }
-        DistCmd::Reshard { src, dst, tp } => {
-            opt_dist::checkpoint::reshard(&src, &dst, tp)
-                .with_context(|| format!("resharding {} to tp = {tp}", src.display()))?;
-            println!("wrote {} at tp = {tp}", dst.display());
-            Ok(())
-        }
+        DistCmd::Reshard(r) => crate::checkpoint::reshard(&r),
     }
 }

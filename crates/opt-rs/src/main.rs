@@ -1,6 +1,7 @@
 //! `opt-rs`: the command line. It only parses arguments and wires the library crates together.
 
 mod bench;
+mod checkpoint;
 mod convert;
 mod device;
 mod dist;
@@ -56,8 +57,11 @@ enum Cmd {
     /// Serve an OpenAI/metaseq-compatible completions API (continuous batching, streaming,
     /// /metrics) and a browser playground at /.
     Serve(serve::ServeArgs),
-    /// Distributed tools: the step-time model table (`dist model`) and tensor-parallel
-    /// checkpoint resharding (`dist reshard`).
+    /// Checkpoint tools: `checkpoint reshard` rewrites a training checkpoint (params and
+    /// optimizer state) or a tensor-parallel model folder at another --tp / --fsdp layout.
+    Checkpoint(checkpoint::CheckpointArgs),
+    /// Distributed tools: the step-time model table (`dist model`) and `dist reshard` (the same
+    /// as `checkpoint reshard`).
     Dist(dist::DistArgs),
 }
 
@@ -117,6 +121,7 @@ fn run() -> Result<()> {
         Cmd::Export(a) => train::run_export(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Serve(a) => serve::run(a),
+        Cmd::Checkpoint(a) => checkpoint::run(a),
         Cmd::Dist(a) => dist::run(a),
     }
 }

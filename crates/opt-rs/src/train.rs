@@ -2,10 +2,13 @@
 //! bar and the end-of-run report. The work is in the `opt-train` crate.
 
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use opt_dist::launch::Launch;
+use opt_dist::train::MeshParallel;
+use opt_dist::{Mesh, ParallelPlan};
 use opt_tensor::{Backend, DType};
 use opt_train::config::BadRowPolicy;
 use opt_train::trainer::{EvalReport, Event, Observer, RunInfo, StartOptions, StepOutcome, StepReport};
@@ -41,7 +44,7 @@ impl crate::device::Job for TrainJob {
     }
 }
 
-fn run_with<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
+fn run_with<B: Backend + 'static>(a: TrainArgs, backend: B) -> Result<()> {
     if a.print_config {
         print!("{}", opt_train::DEFAULT_TOML);
         return Ok(());
@@ -56,7 +59,44 @@ fn run_with<B: Backend>(a: TrainArgs, backend: B) -> Result<()> {
     }
     let opts = StartOptions { resume: a.resume, fresh: a.fresh };
     let setup = Instant::now();
-    let mut trainer = Trainer::new(cfg, backend, opts)?;
+    // A multi-process launch (mpirun, torchrun, srun) trains sharded by `[parallel]`: each rank
+    // drives the same trainer with opt-dist's collectives plugged in (see opt_dist::train).
+    let launch = Launch::detect(&|k| std::env::var(k).ok()).context("reading the launch environment")?;
+    let par: Option<Box<dyn opt_train::parallel::Parallel<B>>> = match &launch {
+        Launch::Single => None,
+        _ => {
+            let world = launch.connect(Duration::from_secs(300)).context("connecting the ranks")?;
+            let p = &cfg.parallel;
+            let mesh = Mesh::new(world, ParallelPlan { tp: p.tp, fsdp: p.fsdp, dp: p.dp })?;
+            Some(Box::new(MeshParallel::new(mesh)))
+        }
+    };
+    let out = train_ranks(cfg, backend, opts, par, setup);
+    // A failed rank exits without MPI_Finalize (which could wait for peers still in a
+    // collective); mpirun then ends the job.
+    #[cfg(feature = "mpi")]
+    if out.is_ok() && matches!(launch, Launch::Mpi { .. }) {
+        opt_dist::mpi::MpiComm::finalize().context("MPI_Finalize")?;
+    }
+    out
+}
+
+fn train_ranks<B: Backend>(
+    cfg: TrainConfig,
+    backend: B,
+    opts: StartOptions,
+    par: Option<Box<dyn opt_train::parallel::Parallel<B>>>,
+    setup: Instant,
+) -> Result<()> {
+    let mut trainer = Trainer::new_parallel(cfg, backend, opts, par)?;
+    if trainer.rank_info().is_some_and(|i| !i.is_main()) {
+        // Other ranks train silently; rank 0 reports.
+        trainer.run(&mut ())?;
+        return Ok(());
+    }
+    if let Some(i) = trainer.rank_info() {
+        eprintln!("opt-rs train: {} ranks, parallel tp = {} × fsdp = {} × dp = {}", i.world, i.tp, i.fsdp, i.dp);
+    }
     let mut bar = Bar::new(trainer.config().run.log_every);
     let setup_s = setup.elapsed().as_secs_f64();
     let summary = trainer.run(&mut bar)?;

@@ -26,6 +26,7 @@ pub struct TrainConfig {
     pub guards: GuardSection,
     pub run: RunSection,
     pub sample: SampleSection,
+    pub parallel: ParallelSection,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -151,6 +152,27 @@ pub struct SampleSection {
     pub max_new_tokens: usize,
     pub temperature: f32,
     pub top_k: usize,
+}
+
+/// `[parallel]`: how a multi-rank launch (`mpirun`, torchrun) splits the run. opt-train only
+/// checks what it can on its own (degrees at least 1, batch rows per data rank); the world size
+/// and the model's shape are checked where the ranks are connected (`opt_dist::ParallelPlan`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSection {
+    pub tp: usize,
+    pub fsdp: usize,
+    pub dp: usize,
+}
+
+impl ParallelSection {
+    /// Ranks that take different rows of each batch: `fsdp · dp`.
+    pub fn data_ranks(&self) -> usize {
+        self.fsdp * self.dp
+    }
+    pub fn world(&self) -> usize {
+        self.tp * self.fsdp * self.dp
+    }
 }
 
 impl TrainConfig {
@@ -319,6 +341,23 @@ impl TrainConfig {
         if !(sm.temperature >= 0.0 && sm.temperature.is_finite()) {
             return bad("sample.temperature", format!("must be >= 0 (0 = greedy), got {}", sm.temperature));
         }
+        let p = &self.parallel;
+        for (key, v) in [("parallel.tp", p.tp), ("parallel.fsdp", p.fsdp), ("parallel.dp", p.dp)] {
+            if v == 0 {
+                return bad(key, "must be at least 1".into());
+            }
+        }
+        if !self.micro_batch().is_multiple_of(p.data_ranks()) {
+            return bad(
+                "train.batch_size",
+                format!(
+                    "each micro-batch of {} rows (batch_size / grad_accum) must split evenly over the \
+                     parallel.fsdp × parallel.dp = {} data ranks",
+                    self.micro_batch(),
+                    p.data_ranks()
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -421,5 +460,21 @@ mod tests {
         assert_eq!(c.run.dir, "runs/x y");
         assert!(!c.data.packing);
         assert_eq!(c.train.precision, Precision::Bf16);
+    }
+
+    #[test]
+    fn parallel_section_is_checked() {
+        let c = TrainConfig::load(None, &["parallel.tp=2".into(), "parallel.dp=2".into()]).expect("config");
+        assert_eq!((c.parallel.tp, c.parallel.fsdp, c.parallel.dp), (2, 1, 2));
+        assert_eq!(c.parallel.world(), 4);
+        let key = |sets: &[&str]| match TrainConfig::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        {
+            Err(TrainError::Config { key, .. }) => key,
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        assert_eq!(key(&["parallel.fsdp=0"]), "parallel.fsdp");
+        // 8 rows do not split over 3 data ranks.
+        assert_eq!(key(&["parallel.dp=3"]), "train.batch_size");
+        assert_eq!(key(&["parallel.pp=2"]), "parallel.pp");
     }
 }

@@ -345,6 +345,19 @@ impl Batch {
     pub fn tokens(&self) -> usize {
         self.mask.iter().filter(|&&m| m != 0).count()
     }
+    /// Part `k` of `n` equal runs of rows (a data rank's share of a global batch; `rows` must be
+    /// a multiple of `n`, which the config checks).
+    pub fn rows_of(&self, k: usize, n: usize) -> Batch {
+        let rows = self.rows / n;
+        let (a, b) = (k * rows * self.seq, (k + 1) * rows * self.seq);
+        Batch {
+            ids: self.ids[a..b].to_vec(),
+            mask: self.mask[a..b].to_vec(),
+            targets: self.targets[a..b].to_vec(),
+            rows,
+            seq: self.seq,
+        }
+    }
 }
 
 /// Turns a corpus into batches, in a seeded order, from a resumable position.

@@ -13,6 +13,7 @@
 //! - [`logbook`] and [`plot`]: `logbook.jsonl` and the `loss.svg` curve;
 //! - [`sample`]: a small sampler for the continuations printed at the end of a run;
 //! - [`trainer`]: the loop that ties them together;
+//! - [`parallel`]: what a multi-rank run (opt-dist) provides to the trainer;
 //! - [`export`]: a run's checkpoint as an HF model folder.
 //!
 //! The trainer works on whole flat buffers (parameters, gradients, moments) through the
@@ -26,6 +27,7 @@ pub mod export;
 pub mod guards;
 pub mod logbook;
 pub mod optim;
+pub mod parallel;
 pub mod plot;
 pub mod sample;
 pub mod schedule;
@@ -81,6 +83,10 @@ pub enum TrainError {
     Tokenizer(#[from] opt_tokenizer::TokenizerError),
     #[error(transparent)]
     Weights(#[from] opt_checkpoint::CheckpointError),
+    /// A collective or a layout problem of a multi-rank run (from the [`parallel::Parallel`]
+    /// implementation).
+    #[error("{0}")]
+    Parallel(String),
 }
 
 impl TrainError {

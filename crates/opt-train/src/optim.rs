@@ -29,7 +29,13 @@ pub struct AdamWState<B: Backend> {
 
 impl<B: Backend> AdamWState<B> {
     pub fn new(be: &B, layout: &ParamLayout, hp: &OptimSection) -> Result<Self> {
-        let n = layout.total();
+        Self::new_window(be, layout, hp, 0, layout.total())
+    }
+
+    /// The state of the window `[lo, hi)` of the flat buffer (a rank's FSDP / ZeRO shard):
+    /// moments of `hi - lo` elements, and the decay runs clipped to the window and counted from
+    /// its start.
+    pub fn new_window(be: &B, layout: &ParamLayout, hp: &OptimSection, lo: usize, hi: usize) -> Result<Self> {
         let wd = hp.weight_decay as f32;
         let mut windows: Vec<(usize, usize, f32)> = Vec::new();
         let mut specs: Vec<_> = layout.specs.iter().collect();
@@ -40,14 +46,19 @@ impl<B: Backend> AdamWState<B> {
                 DecayScope::Matrices if s.is_matrix => wd,
                 DecayScope::Matrices => 0.0,
             };
+            let (a, b) = (s.offset.max(lo), (s.offset + s.numel()).min(hi));
+            if a >= b {
+                continue;
+            }
+            let (off, len) = (a - lo, b - a);
             match windows.last_mut() {
-                Some(w) if w.2 == decay && w.0 + w.1 == s.offset => w.1 += s.numel(),
-                _ => windows.push((s.offset, s.numel(), decay)),
+                Some(w) if w.2 == decay && w.0 + w.1 == off => w.1 += len,
+                _ => windows.push((off, len, decay)),
             }
         }
         Ok(AdamWState {
-            m: be.zeros(DType::F32, n)?,
-            v: be.zeros(DType::F32, n)?,
+            m: be.zeros(DType::F32, hi - lo)?,
+            v: be.zeros(DType::F32, hi - lo)?,
             updates: 0,
             windows,
             beta1: hp.betas[0] as f32,

@@ -24,6 +24,7 @@ use crate::data::{self, Batch, Corpus, Loader};
 use crate::guards::Verdict;
 use crate::logbook::{self, Logbook};
 use crate::optim::{self, AdamWState, LossScaler, ScaleChange};
+use crate::parallel::{Parallel, RankInfo};
 use crate::plot::LossCurve;
 use crate::sample::{self, SampleParams};
 use crate::schedule::Schedule;
@@ -136,21 +137,29 @@ pub struct Trainer<B: Backend> {
     cfg: TrainConfig,
     config_toml: String,
     run_dir: PathBuf,
-    /// The model in its compute dtype (f32, bf16 or f16 weights).
+    /// The model in its compute dtype (f32, bf16 or f16 weights); in a multi-rank run, this
+    /// rank's tensor-parallel slice of it.
     model: OptModel<B>,
-    /// f32 master weights when the model computes in bf16/fp16 (with f32, `model.params` is it).
+    /// f32 master weights when the model computes in bf16/fp16 (with f32, `model.params` is it);
+    /// in a multi-rank run always, and only this rank's window of them.
     master: Option<B::Buf>,
     opt: AdamWState<B>,
     grads: B::Buf,
     /// fp16 only: an f16 copy of the gradients, to detect what would overflow in fp16.
     grad16: Option<B::Buf>,
+    /// Multi-rank runs: the other ranks, this rank's window `[lo, hi)` of the slice's flat
+    /// buffer, and the gradient window reduced over the data ranks.
+    par: Option<Box<dyn Parallel<B>>>,
+    window: (usize, usize),
+    grad_window: Option<B::Buf>,
     acts: TrainState<B>,
     tok: Arc<OptTokenizer>,
     train: Loader,
     valid: Vec<Batch>,
     sched: Schedule,
     state: TrainerState,
-    logbook: Logbook,
+    /// `None` on ranks other than 0 of a multi-rank run.
+    logbook: Option<Logbook>,
     curve: LossCurve,
     flops_per_token: f64,
     last_saved: Option<u64>,
@@ -168,13 +177,30 @@ impl<B: Backend> Trainer<B> {
     /// Set up a run: model (random, from `init_from`, or from the newest checkpoint with
     /// `resume`), optimizer, data, logbook.
     pub fn new(cfg: TrainConfig, backend: B, opts: StartOptions) -> Result<Self> {
+        Self::new_parallel(cfg, backend, opts, None)
+    }
+
+    /// [`Trainer::new`] for one rank of a multi-rank run (`par`: the other ranks; see
+    /// [`crate::parallel`]). Every rank calls it with the same configuration; the run folder
+    /// must be shared. Only rank 0 writes the logbook, plot, samples and shared checkpoint
+    /// files. `None` is a single process.
+    pub fn new_parallel(
+        cfg: TrainConfig,
+        backend: B,
+        opts: StartOptions,
+        par: Option<Box<dyn Parallel<B>>>,
+    ) -> Result<Self> {
         cfg.validate()?;
+        let info = par.as_ref().map(|p| p.info());
+        check_world(&cfg, info.as_ref())?;
+        let main = info.is_none_or(|i| i.is_main());
         let run_dir = cfg.run_dir();
         let ck_root = run_dir.join(checkpoint::CHECKPOINTS);
         let logbook_path = run_dir.join("logbook.jsonl");
-        prepare_run_folder(&run_dir, opts)?;
+        let prepared = if main { prepare_run_folder(&run_dir, opts) } else { Ok(()) };
+        agree(par.as_deref(), prepared, &run_dir)?;
         let mut loaded = if opts.resume && !opts.fresh {
-            checkpoint::latest(&ck_root)?.map(|d| checkpoint::load(&d)).transpose()?
+            checkpoint::latest(&ck_root)?.map(|d| load_checkpoint(par.as_deref(), &d)).transpose()?
         } else {
             None
         };
@@ -210,27 +236,50 @@ impl<B: Backend> Trainer<B> {
                 ),
             });
         }
+        if let Some(p) = &par {
+            p.check_model(&model_cfg)?;
+        }
 
-        let host = match loaded.as_mut() {
-            Some(l) => std::mem::take(&mut l.params),
-            None => initial_params(&cfg, &model_cfg)?,
-        };
         let compute = compute_dtype(cfg.train.precision);
-        let model = OptModel::from_params(backend, model_cfg.clone(), &host, compute)?;
+        let whole = ParamLayout::new(&model_cfg).total();
+        let (model, master, window, moments) = match &par {
+            None => {
+                let (host, moments) = match loaded.as_mut() {
+                    Some(l) => {
+                        (std::mem::take(&mut l.params), Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v))))
+                    }
+                    None => (initial_params(&cfg, &model_cfg)?, None),
+                };
+                let model = OptModel::from_params(backend, model_cfg.clone(), &host, compute)?;
+                let be = &model.backend;
+                let master = if compute == DType::F32 { None } else { Some(be.from_f32(&host, DType::F32)?) };
+                (model, master, (0, whole), moments)
+            }
+            Some(p) => {
+                let n = p.layout(&model_cfg).total();
+                let window = p.window(n);
+                let (slice, moments) = rank_state(p.as_ref(), &cfg, &model_cfg, loaded.as_mut(), window)?;
+                let model = p.model_from_slice(backend, model_cfg.clone(), &slice, compute)?;
+                let master = Some(model.backend.from_f32(&slice[window.0..window.1], DType::F32)?);
+                (model, master, window, moments)
+            }
+        };
         let be = &model.backend;
-        let master = if compute == DType::F32 { None } else { Some(be.from_f32(&host, DType::F32)?) };
-        drop(host);
-        let mut opt = AdamWState::new(be, &model.layout, &cfg.optim)?;
+        let (lo, hi) = window;
+        let mut opt = AdamWState::new_window(be, &model.layout, &cfg.optim, lo, hi)?;
         let n = model.layout.total();
         let grads = be.zeros(DType::F32, n)?;
-        let grad16 = if cfg.train.precision == Precision::Fp16 { Some(be.zeros(DType::F16, n)?) } else { None };
-        let acts = TrainState::new(&model, cfg.micro_batch(), cfg.data.seq_len)?;
+        let grad16 = if cfg.train.precision == Precision::Fp16 { Some(be.zeros(DType::F16, hi - lo)?) } else { None };
+        let rows = cfg.micro_batch() / info.map_or(1, |i| i.data_ranks());
+        let acts = TrainState::new(&model, rows, cfg.data.seq_len)?;
         let scaler = (cfg.train.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.fp16));
         let mut state = TrainerState::new(cfg.train.seed, scaler);
         let mut pending_events = Vec::new();
         if let Some(l) = loaded.as_mut() {
-            opt.m = be.from_f32(&std::mem::take(&mut l.m), DType::F32)?;
-            opt.v = be.from_f32(&std::mem::take(&mut l.v), DType::F32)?;
+            if let Some((m, v)) = moments {
+                opt.m = be.from_f32(&m, DType::F32)?;
+                opt.v = be.from_f32(&v, DType::F32)?;
+            }
             opt.updates = l.state.updates;
             state = l.state.clone();
             // A run resumed under another precision starts a fresh loss scaler (or drops it).
@@ -282,15 +331,19 @@ impl<B: Backend> Trainer<B> {
         pending_events.extend(valid_event.map(|detail| Event { step: state.step, name: "bad_rows_skipped", detail }));
 
         let config_toml = cfg.to_toml()?;
-        write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
-        let curve = if loaded.is_some() {
-            LossCurve::from_rows(&logbook::read_rows(&logbook_path)?)
+        let (curve, logbook) = if main {
+            write_atomic(&run_dir.join("config.toml"), config_toml.as_bytes())?;
+            let curve = if loaded.is_some() {
+                LossCurve::from_rows(&logbook::read_rows(&logbook_path)?)
+            } else {
+                LossCurve::default()
+            };
+            (curve, Some(Logbook::open(&logbook_path)?))
         } else {
-            LossCurve::default()
+            (LossCurve::default(), None)
         };
-        let logbook = Logbook::open(&logbook_path)?;
         let flops_per_token =
-            logbook::flops_per_token(n, model_cfg.num_hidden_layers, model_cfg.hidden_size, cfg.data.seq_len);
+            logbook::flops_per_token(whole, model_cfg.num_hidden_layers, model_cfg.hidden_size, cfg.data.seq_len);
         let last_saved = loaded.as_ref().map(|l| l.state.step);
         let resume_missing = opts.resume && !opts.fresh && loaded.is_none();
         let resumed_from = loaded.map(|l| l.dir);
@@ -304,6 +357,9 @@ impl<B: Backend> Trainer<B> {
             opt,
             grads,
             grad16,
+            par,
+            window,
+            grad_window: None,
             acts,
             tok,
             train,
@@ -343,10 +399,20 @@ impl<B: Backend> Trainer<B> {
         &self.run_dir
     }
 
-    /// The f32 master weights.
+    /// The f32 master weights (in a multi-rank run: this rank's tensor-parallel slice of them,
+    /// gathered from the fsdp windows, a collective).
     pub fn master_params(&self) -> Result<Vec<f32>> {
         let buf = self.master.as_ref().unwrap_or(&self.model.params);
-        Ok(self.model.backend.to_f32(buf.v())?)
+        let host = self.model.backend.to_f32(buf.v())?;
+        match &self.par {
+            Some(p) => p.gather(&host, self.model.layout.total()),
+            None => Ok(host),
+        }
+    }
+
+    /// Where this rank sits in a multi-rank run (`None` for a single process).
+    pub fn rank_info(&self) -> Option<RankInfo> {
+        self.par.as_ref().map(|p| p.info())
     }
 
     /// The learning rate step `s` uses (schedule × rollback factor).
@@ -355,7 +421,9 @@ impl<B: Backend> Trainer<B> {
     }
 
     fn emit(&mut self, obs: &mut dyn Observer, step: u64, name: &'static str, detail: String) -> Result<()> {
-        self.logbook.write(&json!({"kind": "event", "step": step, "event": name, "detail": detail}))?;
+        if let Some(lb) = self.logbook.as_mut() {
+            lb.write(&json!({"kind": "event", "step": step, "event": name, "detail": detail}))?;
+        }
         if matches!(name, "rollback" | "spike_skipped" | "nonfinite_skipped" | "overflow") {
             self.curve.events.push((step, name.to_string()));
         }
@@ -396,6 +464,13 @@ impl<B: Backend> Trainer<B> {
             return Ok(report);
         }
 
+        // A multi-rank run: every rank read the whole global batch (so `count` and `tokens` are
+        // global); each data rank trains on its own rows of it.
+        let info = self.par.as_ref().map(|p| p.info());
+        if let Some(i) = info.filter(|i| i.data_ranks() > 1) {
+            batches = batches.iter().map(|b| b.rows_of(i.data_rank(), i.data_ranks())).collect();
+        }
+
         // Forward and backward, accumulating the gradient of scale · mean loss over the step.
         let be = &self.model.backend;
         be.fill(self.grads.vm(), 0.0)?;
@@ -404,21 +479,39 @@ impl<B: Backend> Trainer<B> {
         let drop_p = (self.cfg.model.dropout, self.cfg.model.attention_dropout);
         let mut loss_sum = 0f64;
         for (k, b) in batches.iter().enumerate() {
-            let drop = (drop_p.0 > 0.0 || drop_p.1 > 0.0).then(|| DropoutCfg {
-                p: drop_p.0,
-                attn_p: drop_p.1,
-                seed: rng::derive(rng::derive(rng::derive(self.state.seed, DROPOUT_LABEL), s), k as u64),
+            let drop = (drop_p.0 > 0.0 || drop_p.1 > 0.0).then(|| {
+                let mut seed = rng::derive(rng::derive(rng::derive(self.state.seed, DROPOUT_LABEL), s), k as u64);
+                // Data ranks hold different rows: each draws its own masks (tensor-parallel
+                // peers share theirs, as they compute the same activations).
+                if let Some(i) = info.filter(|i| i.data_ranks() > 1) {
+                    seed = rng::derive(seed, i.data_rank() as u64);
+                }
+                DropoutCfg { p: drop_p.0, attn_p: drop_p.1, seed }
             });
             let tb = TrainBatch { ids: &b.ids, mask: &b.mask, targets: &b.targets, batch: b.rows, seq: b.seq };
             let (sum, _) =
                 self.model.forward_backward(&tb, &mut self.acts, &mut self.grads, Some(per_token), drop.as_ref())?;
             loss_sum += sum;
         }
+        if let Some(p) = &self.par {
+            let mut x = [loss_sum as f32];
+            p.sum_over_data(&mut x)?;
+            loss_sum = x[0] as f64;
+        }
         let loss = loss_sum / count as f64;
         if let Some(Fault::NanGradient) = self.fault.as_mut().and_then(|f| f(s)) {
             be.fill(self.grads.at_mut(0, 1), f32::NAN)?;
         }
-        let norm = optim::grad_norm(be, &self.grads)? / scale;
+        let norm = match &self.par {
+            None => optim::grad_norm(be, &self.grads)? / scale,
+            Some(p) => {
+                // Reduce the gradient over the data ranks into this rank's window.
+                let w = p.reduce_grads(&be.to_f32(self.grads.v())?)?;
+                let sq = p.grad_sum_squares(&self.model.layout, &w)?;
+                self.grad_window = Some(be.from_f32(&w, DType::F32)?);
+                sq.sqrt() / scale
+            }
+        };
         report.loss = loss;
         report.grad_norm = norm;
         self.state.step += 1;
@@ -427,8 +520,11 @@ impl<B: Backend> Trainer<B> {
         // fp16: would the gradients have overflowed in half precision? (The CPU computes them
         // in f32; rounding a copy to f16 finds the elements that fp16 could not hold.)
         if let (Some(g16), true) = (self.grad16.as_mut(), self.state.scaler.is_some()) {
-            be.copy(g16.vm(), self.grads.v())?;
-            let overflow = !loss.is_finite() || !norm.is_finite() || !be.sum_squares(g16.v())?.is_finite();
+            be.copy(g16.vm(), self.grad_window.as_ref().unwrap_or(&self.grads).v())?;
+            let mut overflow = !loss.is_finite() || !norm.is_finite() || !be.sum_squares(g16.v())?.is_finite();
+            if let Some(p) = &self.par {
+                overflow = p.any(overflow)?;
+            }
             if overflow {
                 match self.state.scaler.as_mut().map(|sc| sc.overflow().map(|_| sc.scale)) {
                     Some(Ok(now)) => {
@@ -479,13 +575,20 @@ impl<B: Backend> Trainer<B> {
         let grad_scale = (coef as f64 / scale) as f32;
         let lr32 = lr as f32;
         {
-            let OptModel { params, backend, .. } = &mut self.model;
-            match self.master.as_mut() {
-                Some(m) => {
+            let OptModel { params, backend, layout, .. } = &mut self.model;
+            match (self.master.as_mut(), &self.par, &self.grad_window) {
+                (Some(m), Some(p), Some(g)) => {
+                    // Update this rank's window; gather the slice's new parameters.
+                    self.opt.update(backend, m, g, lr32, grad_scale)?;
+                    let slice = p.gather(&backend.to_f32(m.v())?, layout.total())?;
+                    let dtype = params.dtype();
+                    *params = backend.from_f32(&slice, dtype)?;
+                }
+                (Some(m), _, _) => {
                     self.opt.update(backend, m, &self.grads, lr32, grad_scale)?;
                     backend.copy(params.vm(), m.v())?;
                 }
-                None => self.opt.update(backend, params, &self.grads, lr32, grad_scale)?,
+                (None, _, _) => self.opt.update(backend, params, &self.grads, lr32, grad_scale)?,
             }
         }
         self.state.updates = self.opt.updates;
@@ -518,17 +621,26 @@ impl<B: Backend> Trainer<B> {
         let be = &self.model.backend;
         let (to_step, from) = match checkpoint::latest(&ck_root)? {
             Some(dir) => {
-                let l = checkpoint::load(&dir)?;
-                self.upload(&l.params)?;
+                let mut l = load_checkpoint(self.par.as_deref(), &dir)?;
+                let (host, moments) = match &self.par {
+                    Some(p) => rank_state(p.as_ref(), &self.cfg, &self.model.cfg, Some(&mut l), self.window)?,
+                    None => (std::mem::take(&mut l.params), Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v)))),
+                };
+                self.upload(&host)?;
                 let be = &self.model.backend;
-                self.opt.m = be.from_f32(&l.m, DType::F32)?;
-                self.opt.v = be.from_f32(&l.v, DType::F32)?;
+                if let Some((m, v)) = moments {
+                    self.opt.m = be.from_f32(&m, DType::F32)?;
+                    self.opt.v = be.from_f32(&v, DType::F32)?;
+                }
                 self.opt.updates = l.state.updates;
                 self.state = l.state;
                 (self.state.step, dir.display().to_string())
             }
             None => {
-                let host = initial_params(&self.cfg, &self.model.cfg)?;
+                let host = match &self.par {
+                    Some(p) => rank_state(p.as_ref(), &self.cfg, &self.model.cfg, None, self.window)?.0,
+                    None => initial_params(&self.cfg, &self.model.cfg)?,
+                };
                 be.fill(self.opt.m.vm(), 0.0)?;
                 be.fill(self.opt.v.vm(), 0.0)?;
                 self.opt.updates = 0;
@@ -552,9 +664,16 @@ impl<B: Backend> Trainer<B> {
         Ok(to_step)
     }
 
-    /// Replace the master weights (and the compute copy) with host f32 values.
+    /// Replace the master weights (and the compute copy) with host f32 values (in a multi-rank
+    /// run: this rank's whole tensor-parallel slice, of which it keeps its window as master).
     fn upload(&mut self, host: &[f32]) -> Result<()> {
         let OptModel { params, backend, .. } = &mut self.model;
+        if self.par.is_some() {
+            let dtype = params.dtype();
+            *params = backend.from_f32(host, dtype)?;
+            self.master = Some(backend.from_f32(&host[self.window.0..self.window.1], DType::F32)?);
+            return Ok(());
+        }
         let fresh = backend.from_f32(host, DType::F32)?;
         match self.master.as_mut() {
             Some(m) => {
@@ -615,7 +734,16 @@ impl<B: Backend> Trainer<B> {
             config_toml: &self.config_toml,
             fetch: &mut fetch,
         };
-        let dir = checkpoint::save(&self.run_dir.join(checkpoint::CHECKPOINTS), &mut snap, self.cfg.run.keep_last)?;
+        let root = self.run_dir.join(checkpoint::CHECKPOINTS);
+        let dir = match &self.par {
+            None => checkpoint::save(&root, &mut snap, self.cfg.run.keep_last)?,
+            Some(p) => {
+                let info = p.info();
+                let meta = checkpoint::ShardedMeta::new(info.tp, info.fsdp, info.dp, self.model.layout.total());
+                let mut sync = |failed: bool| p.any(failed);
+                checkpoint::save_sharded(&root, &mut snap, self.cfg.run.keep_last, &info, &meta, &mut sync)?
+            }
+        };
         self.last_saved = Some(self.state.step);
         Ok(dir)
     }
@@ -643,21 +771,28 @@ impl<B: Backend> Trainer<B> {
                 obj.insert("loss_scale".into(), json!(sc));
             }
         }
-        self.logbook.write(&row)?;
+        if let Some(lb) = self.logbook.as_mut() {
+            lb.write(&row)?;
+        }
         self.curve.train.push((r.step, r.loss));
         Ok(())
     }
 
     fn log_eval(&mut self, e: &EvalReport, obs: &mut dyn Observer) -> Result<()> {
-        self.logbook.write(&json!({
-            "kind": "eval", "step": e.step, "valid_loss": e.loss, "valid_ppl": e.ppl, "valid_tokens": e.tokens,
-        }))?;
+        if let Some(lb) = self.logbook.as_mut() {
+            lb.write(&json!({
+                "kind": "eval", "step": e.step, "valid_loss": e.loss, "valid_ppl": e.ppl, "valid_tokens": e.tokens,
+            }))?;
+        }
         self.curve.valid.push((e.step, e.loss));
         obs.eval(e);
         Ok(())
     }
 
     fn refresh_plot(&self) -> Result<()> {
+        if self.logbook.is_none() {
+            return Ok(());
+        }
         let title = format!("{} — {}", self.run_dir.display(), self.cfg.data.train);
         write_atomic(&self.run_dir.join("loss.svg"), self.curve.svg(&title).as_bytes())
     }
@@ -687,7 +822,7 @@ impl<B: Backend> Trainer<B> {
             run_dir: self.run_dir.clone(),
             start_step: self.state.step,
             max_steps: max,
-            params: self.model.layout.total(),
+            params: ParamLayout::new(&self.model.cfg).total(),
             tokens_per_step: self.cfg.train.batch_size * self.cfg.data.seq_len,
             resumed_from: self.resumed_from.clone(),
             train_docs: self.train.corpus().len(),
@@ -779,7 +914,9 @@ impl<B: Backend> Trainer<B> {
         for (p, c) in &summary.samples {
             text.push_str(&format!("=== step {s}, prompt {p:?} ===\n{p}{c}\n\n"));
         }
-        write_atomic(&self.run_dir.join("samples.txt"), text.as_bytes())?;
+        if self.logbook.is_some() {
+            write_atomic(&self.run_dir.join("samples.txt"), text.as_bytes())?;
+        }
         summary.wall_s = self.started.elapsed().as_secs_f64();
         self.emit(obs, s, "done", format!("{} steps in {:.1} s", summary.steps, summary.wall_s))?;
         Ok(summary)
@@ -888,4 +1025,94 @@ fn finite_or_null(x: f64) -> serde_json::Value {
 
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(opt_model::io::write_atomic(path, bytes)?)
+}
+
+/// A `[parallel]` layout needs as many ranks as it names; a single process needs none.
+fn check_world(cfg: &TrainConfig, info: Option<&RankInfo>) -> Result<()> {
+    let p = &cfg.parallel;
+    let world = info.map_or(1, |i| i.world);
+    if p.world() == world {
+        return Ok(());
+    }
+    let key = if p.tp > 1 {
+        "parallel.tp"
+    } else if p.fsdp > 1 {
+        "parallel.fsdp"
+    } else {
+        "parallel.dp"
+    };
+    let how = if world == 1 {
+        format!("; launch {} processes (mpirun -np {} or torchrun), or set it to 1", p.world(), p.world())
+    } else {
+        String::new()
+    };
+    Err(TrainError::Config {
+        key: key.into(),
+        detail: format!(
+            "tp × fsdp × dp = {} × {} × {} = {}, but {world} {} launched{how}",
+            p.tp,
+            p.fsdp,
+            p.dp,
+            p.world(),
+            if world == 1 { "process was" } else { "processes were" }
+        ),
+    })
+}
+
+/// Every rank learns whether any rank failed `r` (a collective): a rank whose own part went
+/// well but another's failed stops too, instead of waiting for it.
+fn agree<B: Backend>(par: Option<&dyn Parallel<B>>, r: Result<()>, dir: &Path) -> Result<()> {
+    let Some(p) = par else { return r };
+    let failed = p.any(r.is_err())?;
+    r?;
+    if failed {
+        return Err(TrainError::Checkpoint {
+            path: dir.to_path_buf(),
+            detail: "rank 0 could not prepare the run folder".into(),
+        });
+    }
+    Ok(())
+}
+
+/// Read a checkpoint folder as this run can use it: a one-process checkpoint whole; a sharded
+/// one (multi-rank runs only) as this rank's window.
+fn load_checkpoint<B: Backend>(par: Option<&dyn Parallel<B>>, dir: &Path) -> Result<checkpoint::Loaded> {
+    match (par, checkpoint::sharded_meta(dir)?) {
+        (Some(p), Some(_)) => {
+            let model_cfg = OptConfig::from_path(dir)?;
+            let n = p.layout(&model_cfg).total();
+            checkpoint::load_shard(dir, &p.info(), n, p.window(n))
+        }
+        _ => checkpoint::load(dir),
+    }
+}
+
+/// AdamW's first and second moments, host copies.
+type Moments = (Vec<f32>, Vec<f32>);
+
+/// A multi-rank run's starting point: this rank's whole tensor-parallel slice of the parameters
+/// and, from a checkpoint, its window of the AdamW moments. From a sharded checkpoint the slice
+/// is gathered from the fsdp windows (a collective); from a one-process checkpoint or the
+/// initial weights it is cut from the whole model.
+fn rank_state<B: Backend>(
+    p: &dyn Parallel<B>,
+    cfg: &TrainConfig,
+    model_cfg: &OptConfig,
+    loaded: Option<&mut checkpoint::Loaded>,
+    (lo, hi): (usize, usize),
+) -> Result<(Vec<f32>, Option<Moments>)> {
+    let n = p.layout(model_cfg).total();
+    match loaded {
+        Some(l) if l.windowed => {
+            let slice = p.gather(&l.params, n)?;
+            Ok((slice, Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v)))))
+        }
+        Some(l) => {
+            let slice = p.slice_flat(model_cfg, &l.params)?;
+            let m = p.slice_flat(model_cfg, &l.m)?[lo..hi].to_vec();
+            let v = p.slice_flat(model_cfg, &l.v)?[lo..hi].to_vec();
+            Ok((slice, Some((m, v))))
+        }
+        None => Ok((p.slice_flat(model_cfg, &initial_params(cfg, model_cfg)?)?, None)),
+    }
 }
