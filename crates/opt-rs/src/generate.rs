@@ -18,7 +18,7 @@ use opt_generate::{
     StreamEvent, TokenLogprob,
 };
 use opt_model::{OptConfig, OptModel};
-use opt_tensor::{CpuBackend, DType};
+use opt_tensor::{Backend, DType};
 use opt_tokenizer::OptTokenizer;
 use serde_json::{json, Map, Value};
 
@@ -218,19 +218,29 @@ fn cli_error(e: GenerateError) -> anyhow::Error {
     }
 }
 
-pub fn run(a: GenerateArgs) -> Result<()> {
+/// `opt-rs generate` on the backend `--device` names.
+pub struct GenerateJob(pub GenerateArgs);
+
+impl crate::device::Job for GenerateJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run_with(self.0, backend)
+    }
+}
+
+fn run_with<B: Backend + 'static>(a: GenerateArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
     let params = a.params()?;
     // Check the options before spending time on loading the model.
     params.validate().map_err(cli_error)?;
     let prompts = collect_prompts(&a)?;
     let model = match (&a.model, &a.random_preset) {
-        (Some(dir), _) => OptModel::from_folder(CpuBackend::new(), dir, dtype)
+        (Some(dir), _) => OptModel::from_folder(backend, dir, dtype)
             .with_context(|| format!("loading model from {}", dir.display()))?,
         (None, Some(preset)) => {
             let cfg = OptConfig::preset(preset)?;
             let std = cfg.init_std;
-            OptModel::new_random(CpuBackend::new(), cfg, dtype, std, 0)?
+            OptModel::new_random(backend, cfg, dtype, std, 0)?
         }
         (None, None) => bail!("--model is required"),
     };

@@ -20,7 +20,7 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "opt-rs", version, about = "OPT language models in Rust: score, tokenize, benchmark")]
 struct Cli {
-    /// Where to run: cpu, or cuda[:N] in a build with `--features cuda` (score, bench and train so far).
+    /// Where to run: cpu, or cuda[:N] in a build with `--features cuda` (score, bench, train, generate and serve so far).
     #[arg(long, global = true, default_value = "cpu", value_parser = clap::value_parser!(device::Device))]
     device: device::Device,
     /// Worker threads for the CPU kernels (default: all cores).
@@ -109,18 +109,18 @@ fn run() -> Result<()> {
         Cmd::Tokenize(a) => tokenize(a),
         Cmd::Bench(a) => device::run_on(cli.device, bench::BenchJob(a)),
         Cmd::Train(a) => device::run_on(cli.device, train::TrainJob(a)),
+        Cmd::Generate(a) => device::run_on(cli.device, generate::GenerateJob(a)),
+        Cmd::Serve(a) => device::run_on(cli.device, serve::ServeJob(a)),
         _ if cli.device != device::Device::Cpu => {
             anyhow::bail!(
-                "--device {}: this command runs on the CPU only so far (score, bench and train take --device)",
+                "--device {}: this command runs on the CPU only so far (score, bench, train, generate and serve take --device)",
                 cli.device
             )
         }
         Cmd::Eval(a) => eval::run(a),
-        Cmd::Generate(a) => generate::run(a),
         Cmd::Data(a) => train::run_data(a),
         Cmd::Export(a) => train::run_export(a),
         Cmd::Convert(a) => convert::run(a),
-        Cmd::Serve(a) => serve::run(a),
         Cmd::Checkpoint(a) => checkpoint::run(a),
         Cmd::Dist(a) => dist::run(a),
     }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use opt_model::{OptConfig, OptModel};
 use opt_serve::{EngineOptions, Server, ServerOptions};
-use opt_tensor::{CpuBackend, DType};
+use opt_tensor::{Backend, DType};
 
 /// Environment variable read for the API key when `--api-key` is not given (keeps the key out
 /// of the process list).
@@ -53,11 +53,21 @@ pub struct ServeArgs {
     max_running: usize,
 }
 
-pub fn run(a: ServeArgs) -> Result<()> {
+/// `opt-rs serve` on the backend `--device` names.
+pub struct ServeJob(pub ServeArgs);
+
+impl crate::device::Job for ServeJob {
+    type Output = ();
+    fn run<B: Backend + 'static>(self, backend: B) -> Result<()> {
+        run_with(self.0, backend)
+    }
+}
+
+fn run_with<B: Backend + 'static>(a: ServeArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
     let (model, tok, default_name) = match (&a.model, &a.random_preset) {
         (Some(dir), _) => {
-            let model = OptModel::from_folder(CpuBackend::new(), dir, dtype)
+            let model = OptModel::from_folder(backend, dir, dtype)
                 .with_context(|| format!("loading model from {}", dir.display()))?;
             let tok = crate::score::tokenizer_for(dir, a.tokenizer.as_deref())?;
             let name = std::fs::canonicalize(dir)
@@ -69,7 +79,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
         (None, Some(preset)) => {
             let cfg = OptConfig::preset(preset)?;
             let std = cfg.init_std;
-            let model = OptModel::new_random(CpuBackend::new(), cfg, dtype, std, 0)?;
+            let model = OptModel::new_random(backend, cfg, dtype, std, 0)?;
             (model, crate::load_tokenizer(a.tokenizer.as_deref())?, format!("opt-{preset}-random"))
         }
         (None, None) => bail!("--model is required"),
