@@ -6,9 +6,20 @@
 //! pool and are released in stream order when they go out of scope.
 //!
 //! Low-precision inputs: matrix products take bf16/f16 operands natively (an f32 operand
-//! paired with a bf16 one is rounded to bf16, as torch's autocast does); every other kernel
-//! reads f32, and a bf16/f16 input view is widened into a temporary first (small tensors:
-//! LayerNorm and bias parameters). Outputs are f32, as the trait requires.
+//! paired with a bf16 one is rounded to bf16, as torch's autocast does); LayerNorm and bias
+//! kernels read bf16/f16 parameters as they are; other kernels read f32 (a bf16/f16 input view
+//! is widened into a temporary first). Outputs are f32, as the trait requires.
+//!
+//! Mixed precision (`set_mixed_precision(Some(BF16))`, set by a model with bf16 weights): f32 ×
+//! f32 products (weight gradients) and attention's two products run on tensor cores with bf16
+//! operands and f32 accumulation, as under autocast. An f32 model stays exact f32 (no TF32).
+//!
+//! Decoding steps (a few rows): `linear`, `linear3`, `linear_act` and `linear_residual` run one
+//! fused kernel that streams the bf16 weights once (decode.cu), attention for one query per
+//! row runs its own kernel, and greedy decoding takes the argmax on the device.
+//!
+//! `OPT_RS_CUDA_PROFILE=1`: every operation waits for the GPU and is timed; the table (per
+//! operation and GEMM shape) is printed to stderr when the backend is dropped.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
