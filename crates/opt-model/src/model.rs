@@ -18,6 +18,7 @@ use opt_tensor::{AttnDims, Backend, Buffer, DType, Dropout, Gemm, View, ViewMut}
 use crate::config::{OptConfig, LN_EPS, POSITION_OFFSET};
 use crate::parallel::{HostReduce, ParallelHooks};
 use crate::params::{LayerIdx, ParamLayout};
+use crate::quant::QuantWeights;
 use crate::{ModelError, Result};
 
 /// Which positions to compute logits for.
@@ -39,6 +40,10 @@ pub struct OptModel<B: Backend> {
     /// Tensor-parallel collectives when `layout` is a shard (set by `opt-dist`'s
     /// `parallelize`); `None` for the single-process model.
     pub hooks: Option<Arc<dyn ParallelHooks<B>>>,
+    /// The int8 matrices of a quantized model (inference only; see [`crate::quant`]). Their
+    /// layout offsets lie past `params`, so every product with a weight goes through
+    /// [`OptModel::matmul_w`], which looks them up here first.
+    pub quant: Option<QuantWeights>,
 }
 
 /// Per-layer key/value cache for incremental decoding: `k[l]`, `v[l]` are `[B, capacity, C]`.
@@ -317,12 +322,7 @@ impl<B: Backend> OptModel<B> {
         let be = &self.backend;
         let (dp, vl) = (self.cfg.word_embed_proj_dim, self.layout.vocab);
         let mut local = be.zeros(DType::F32, rows * vl)?;
-        be.matmul(
-            local.vm(),
-            xp,
-            self.p(self.layout.lm_head_or_wte(), vl * dp),
-            &Gemm::new(rows, vl, dp, false, true),
-        )?;
+        self.matmul_w(local.vm(), xp, self.layout.lm_head_or_wte(), rows, dp, vl)?;
         let Some(h) = &self.hooks else { return Ok(local) };
         let parts = h.all_gather_host(&be.to_f32(local.v())?)?;
         let v = self.cfg.vocab_size;
@@ -403,12 +403,30 @@ impl<B: Backend> OptModel<B> {
         out_dim: usize,
     ) -> Result<()> {
         let be = &self.backend;
-        be.matmul(out.rb(), x, self.p(w, out_dim * in_dim), &Gemm::new(rows, out_dim, in_dim, false, true))?;
+        self.matmul_w(out.rb(), x, w, rows, in_dim, out_dim)?;
         self.tp_reduce(out.rb())?;
         if let Some(b) = b {
             be.bias_add(out, self.p(b, out_dim), out_dim)?;
         }
         Ok(())
+    }
+
+    /// `out[rows, out_dim] = x[rows, in_dim] · Wᵀ` for the weight at layout offset `w`: the
+    /// int8 matrix when the model holds one there, else the flat buffer.
+    pub(crate) fn matmul_w(
+        &self,
+        out: ViewMut<'_, B::Buf>,
+        x: View<'_, B::Buf>,
+        w: usize,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        if let Some(q) = self.quant.as_ref().and_then(|q| q.get(w)) {
+            return Ok(self.backend.matmul_int8(out, x, q)?);
+        }
+        let g = Gemm::new(rows, out_dim, in_dim, false, true);
+        Ok(self.backend.matmul(out, x, self.p(w, out_dim * in_dim), &g)?)
     }
 
     /// A view of parameter `off` of `len` elements.
@@ -432,7 +450,7 @@ impl<B: Backend> OptModel<B> {
         out_dim: usize,
     ) -> Result<()> {
         let be = &self.backend;
-        be.matmul(out.rb(), x, self.p(w, out_dim * in_dim), &Gemm::new(rows, out_dim, in_dim, false, true))?;
+        self.matmul_w(out.rb(), x, w, rows, in_dim, out_dim)?;
         if let Some(b) = b {
             be.bias_add(out, self.p(b, out_dim), out_dim)?;
         }
@@ -446,7 +464,6 @@ impl<B: Backend> OptModel<B> {
         let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         let n = ids.len();
         check_ids(ids, cfg.vocab_size)?;
-        let wte = self.p(self.layout.wte, self.layout.vocab * dp);
         let wpe = self.p(self.layout.wpe, cfg.position_rows() * c);
         // Vocabulary-parallel lookup: each shard contributes the rows it owns, zeros elsewhere,
         // and the sum over the group is the full embedding.
@@ -456,7 +473,13 @@ impl<B: Backend> OptModel<B> {
             None => ids,
         };
         let tok_out = if self.layout.project_in.is_some() { &mut *emb } else { &mut *x };
-        be.embedding_forward(tok_out.at_mut(0, n * dp), wte, tok, dp, false)?;
+        match self.quant.as_ref().and_then(|q| q.get(self.layout.wte)) {
+            Some(q) => be.embedding_int8(tok_out.at_mut(0, n * dp), q, tok, false)?,
+            None => {
+                let wte = self.p(self.layout.wte, self.layout.vocab * dp);
+                be.embedding_forward(tok_out.at_mut(0, n * dp), wte, tok, dp, false)?
+            }
+        }
         if let Some((_, owned)) = &local {
             for (r, _) in owned.iter().enumerate().filter(|(_, &o)| !o) {
                 be.fill(tok_out.at_mut(r * dp, dp), 0.0)?;
@@ -859,6 +882,11 @@ impl<B: Backend> OptModel<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let (bsz, t) = (batch.batch, batch.seq);
+        if self.quant.is_some() {
+            return Err(ModelError::Input(
+                "this model holds int8 weights, which are for inference only; train from the f32/bf16 model".into(),
+            ));
+        }
         if st.batch != bsz || st.seq != t {
             return Err(ModelError::Input(format!("train state is for {}×{}, batch is {bsz}×{t}", st.batch, st.seq)));
         }
