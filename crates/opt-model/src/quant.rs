@@ -123,7 +123,15 @@ impl QuantConfig {
 
     /// The group size is 0 or a multiple of [`opt_tensor::quant::GROUP_ALIGN`].
     pub fn validate(&self) -> std::result::Result<(), String> {
-        opt_tensor::quant::group_len(self.group_size, 1).map(|_| ()).map_err(|e| e.to_string())
+        if self.group_size.is_multiple_of(opt_tensor::quant::GROUP_ALIGN) {
+            Ok(())
+        } else {
+            Err(format!(
+                "group size {} is neither 0 (per output channel) nor a multiple of {}",
+                self.group_size,
+                opt_tensor::quant::GROUP_ALIGN
+            ))
+        }
     }
 
     /// The `quantization_config` of a model folder's `config.json`, `None` when it has none

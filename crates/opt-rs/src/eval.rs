@@ -54,6 +54,12 @@ pub struct EvalArgs {
     /// Tokenizer folder (default: the model folder if it has one, else the bundled OPT tokenizer).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Quantize the layer matrices to int8 after loading (as `opt-rs quantize` would), to
+    /// measure the drift without writing a folder. A quantized folder needs no flag.
+    #[arg(long)]
+    int8: bool,
+    #[command(flatten)]
+    quant: crate::quantize::QuantOpts,
 }
 
 /// `--data-dir`, else `shared/data/eval` next to this checkout (found from the source path the
@@ -99,6 +105,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         (None, None) => anyhow::bail!("give --model DIR (or --random-preset for benchmarking)"),
     };
+    let model = if a.int8 { model.quantize(a.quant.config()?).context("quantizing")? } else { model };
 
     let opts = EvalOptions {
         score: ScoreOptions { batch_size: a.batch_size, reuse_context: !a.no_context_reuse },

@@ -6,6 +6,7 @@ mod device;
 mod dist;
 mod eval;
 mod generate;
+mod quantize;
 mod score;
 mod serve;
 mod train;
@@ -56,6 +57,9 @@ enum Cmd {
     /// Serve an OpenAI/metaseq-compatible completions API (continuous batching, streaming,
     /// /metrics) and a browser playground at /.
     Serve(serve::ServeArgs),
+    /// Write a weight-only int8 copy of a model folder (per-channel or group-wise absmax scales),
+    /// which score, generate, serve and eval load like any other folder.
+    Quantize(quantize::QuantizeArgs),
     /// Distributed tools: the step-time model table (`dist model`) and tensor-parallel
     /// checkpoint resharding (`dist reshard`).
     Dist(dist::DistArgs),
@@ -116,6 +120,7 @@ fn run() -> Result<()> {
         Cmd::Data(a) => train::run_data(a),
         Cmd::Export(a) => train::run_export(a),
         Cmd::Convert(a) => convert::run(a),
+        Cmd::Quantize(a) => quantize::run(a),
         Cmd::Serve(a) => serve::run(a),
         Cmd::Dist(a) => dist::run(a),
     }
