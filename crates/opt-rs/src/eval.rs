@@ -15,9 +15,12 @@ use serde_json::Value;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// HF model folder (config.json + weights).
+    /// HF model folder (config.json + weights; int8 folders of `opt-rs quantize` too), or a
+    /// metaseq checkpoint (a .pt file or a folder of them; give --config or --preset).
     #[arg(long, required_unless_present = "random_preset", conflicts_with = "random_preset")]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    metaseq: crate::load::MetaseqArgs,
     /// For benchmarking only: random weights in the shape of a preset (125m, 350m, ...) instead
     /// of --model. The scores are meaningless; the timings are what it is for.
     #[arg(long)]
@@ -90,8 +93,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     let (model, tok) = match (&a.model, &a.random_preset) {
         (Some(dir), _) => {
-            let m = OptModel::from_folder(CpuBackend::new(), dir, dtype)
-                .with_context(|| format!("loading model from {}", dir.display()))?;
+            let m = crate::load::load_model(CpuBackend::new(), dir, dtype, &a.metaseq)?;
             (m, crate::score::tokenizer_for(dir, a.tokenizer.as_deref())?)
         }
         (None, Some(preset)) => {

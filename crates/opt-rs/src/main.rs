@@ -6,6 +6,7 @@ mod device;
 mod dist;
 mod eval;
 mod generate;
+mod load;
 mod quantize;
 mod score;
 mod serve;
