@@ -38,19 +38,13 @@ pub const QUANT_METHOD: &str = "opt-rs-int8";
 /// Suffix of a scale tensor's name: `decoder.layers.0.fc1.weight` → `..fc1.weight_scale`.
 pub const SCALE_SUFFIX: &str = "_scale";
 
-/// How a model is quantized.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How a model is quantized. The default: per output channel, embeddings kept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QuantConfig {
     /// Columns per scale: 0 = one scale per output channel, else a multiple of 16.
     pub group_size: usize,
     /// Quantize `embed_tokens` (and `lm_head`) too.
     pub embeddings: bool,
-}
-
-impl Default for QuantConfig {
-    fn default() -> Self {
-        QuantConfig { group_size: 0, embeddings: false }
-    }
 }
 
 impl QuantConfig {
