@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Int8 weight-only decode benchmark: batch-1 greedy decode (16-token prompt + 64 new tokens) on
+# random weights of PRESET with f32, bf16 and int8 weights, every configuration once per round,
+# ROUNDS rounds interleaved so that load from other processes spreads over all of them. One
+# JSON line per run (the `bench` line plus "round" and "threads"); a summary table at the end.
+#
+#   bench/quant.sh [PRESET] [ROUNDS] [THREADS] [OPT_RS]
+#
+# OPT_RS defaults to ./target/release/opt-rs (built here); give a path to use another binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+preset=${1:-125m}
+rounds=${2:-3}
+threads=${3:-$(nproc)}
+bin=${4:-}
+if [ -z "$bin" ]; then
+  cargo build --release -q -p opt-rs
+  bin=./target/release/opt-rs
+fi
+configs=(
+  "--dtype f32"
+  "--dtype bf16"
+  "--dtype f32 --int8"
+  "--dtype bf16 --int8"
+  "--dtype bf16 --int8 --group-size 128"
+  "--dtype bf16 --int8 --embeddings int8"
+)
+out=$(mktemp)
+for r in $(seq 1 "$rounds"); do
+  for c in "${configs[@]}"; do
+    # shellcheck disable=SC2086 # the configuration is a list of words
+    "$bin" --threads "$threads" bench --preset "$preset" --what decode $c \
+      | sed "s/^{/{\"round\":$r,/" | tee -a "$out"
+  done
+done
+python3 - "$out" <<'PY'
+import json, sys, collections
+runs = collections.defaultdict(list)
+mb = {}
+for line in open(sys.argv[1]):
+    j = json.loads(line)
+    runs[j["dtype"]].append(j["new_tok_per_s"])
+    mb[j["dtype"]] = j["weight_mb"]
+base = sorted(runs["f32"])[len(runs["f32"]) // 2] if runs.get("f32") else None
+print(f"{'weights':<22}{'MB':>8}  {'tok/s per round':<28}{'median':>8}{'vs f32':>8}")
+for k, v in runs.items():
+    med = sorted(v)[len(v) // 2]
+    ratio = f"{med / base:.2f}x" if base else "-"
+    print(f"{k:<22}{mb[k]:>8.1f}  {', '.join(f'{x:.1f}' for x in v):<28}{med:>8.1f}{ratio:>8}")
+PY
