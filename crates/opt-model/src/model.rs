@@ -42,7 +42,7 @@ pub struct OptModel<B: Backend> {
     pub hooks: Option<Arc<dyn ParallelHooks<B>>>,
     /// The int8 matrices of a quantized model (inference only; see [`crate::quant`]). Their
     /// layout offsets lie past `params`, so every product with a weight goes through
-    /// [`OptModel::matmul_w`], which looks them up here first.
+    /// `OptModel::matmul_w`, which looks them up here first.
     pub quant: Option<QuantWeights>,
 }
 
