@@ -54,7 +54,7 @@ mod save;
 mod sharded;
 pub mod torchzip;
 
-pub use save::{save_safetensors, save_safetensors_sharded};
+pub use save::{save_safetensors, save_safetensors_raw, save_safetensors_sharded};
 
 /// Element types found in checkpoint files. Only floating types can become OPT weights.
 ///
@@ -547,6 +547,14 @@ impl fmt::Debug for Checkpoint {
 pub struct TensorWrite<'a> {
     pub name: String,
     pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub bytes: &'a [u8],
+}
+
+/// A tensor to write with any safetensors dtype (see [`save_safetensors_raw`]).
+pub struct RawTensorWrite<'a> {
+    pub name: String,
+    pub dtype: FileDType,
     pub shape: Vec<usize>,
     pub bytes: &'a [u8],
 }

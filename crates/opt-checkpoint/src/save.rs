@@ -21,10 +21,10 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use crate::{io_err, tensor_err, CheckpointError, Result, TensorWrite};
+use crate::{io_err, tensor_err, CheckpointError, RawTensorWrite, Result, TensorWrite};
 
 /// Builds the (padded) header for `tensors` and checks names and sizes.
-fn header(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<Vec<u8>> {
+fn header(path: &Path, tensors: &[RawTensorWrite<'_>]) -> Result<Vec<u8>> {
     let mut seen = HashSet::new();
     let mut h = String::from(r#"{"__metadata__":{"format":"pt"}"#);
     let mut offset = 0usize;
@@ -35,12 +35,16 @@ fn header(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<Vec<u8>> {
         if !seen.insert(t.name.as_str()) {
             return Err(tensor_err(path, &t.name, "appears twice"));
         }
+        if !t.dtype.size_in_bits().is_multiple_of(8) {
+            return Err(tensor_err(path, &t.name, format!("writing {} (sub-byte) tensors is not supported", t.dtype)));
+        }
+        let elem = t.dtype.size_in_bits() / 8;
         let numel = t
             .shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| tensor_err(path, &t.name, format!("shape {:?} overflows", t.shape)))?;
-        let want = numel.checked_mul(t.dtype.size_in_bytes());
+        let want = numel.checked_mul(elem);
         if want != Some(t.bytes.len()) {
             return Err(tensor_err(
                 path,
@@ -51,7 +55,7 @@ fn header(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<Vec<u8>> {
                     t.shape,
                     t.dtype,
                     numel,
-                    t.dtype.size_in_bytes()
+                    elem
                 ),
             ));
         }
@@ -109,6 +113,16 @@ fn write_atomic(path: &Path, contents: impl FnOnce(&mut dyn Write) -> std::io::R
 /// Write tensors as one safetensors file (with `{"format": "pt"}` metadata, as HF writes),
 /// atomically (temporary file + rename).
 pub fn save_safetensors(path: &Path, tensors: &[TensorWrite<'_>]) -> Result<()> {
+    let raw: Vec<RawTensorWrite<'_>> = tensors
+        .iter()
+        .map(|t| RawTensorWrite { name: t.name.clone(), dtype: t.dtype.into(), shape: t.shape.clone(), bytes: t.bytes })
+        .collect();
+    save_safetensors_raw(path, &raw)
+}
+
+/// [`save_safetensors`] for tensors of any (whole-byte) safetensors dtype, e.g. the `I8` codes
+/// of a quantized model.
+pub fn save_safetensors_raw(path: &Path, tensors: &[RawTensorWrite<'_>]) -> Result<()> {
     let header = header(path, tensors)?;
     write_atomic(path, |w| {
         w.write_all(&header)?;

@@ -408,3 +408,32 @@ fn random_mutations_never_panic() {
         }
     }
 }
+
+#[test]
+fn raw_dtypes_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.safetensors");
+    let codes: Vec<u8> = [-127i8, 0, 5, 127, -1, 3].iter().map(|&x| x as u8).collect();
+    let scales = f32_bytes(&[0.5, 0.25]);
+    opt_checkpoint::save_safetensors_raw(
+        &path,
+        &[
+            opt_checkpoint::RawTensorWrite { name: "w".into(), dtype: FileDType::I8, shape: vec![2, 3], bytes: &codes },
+            opt_checkpoint::RawTensorWrite {
+                name: "w_scale".into(),
+                dtype: FileDType::F32,
+                shape: vec![2],
+                bytes: &scales,
+            },
+        ],
+    )
+    .unwrap();
+    let ck = Checkpoint::open(&path).unwrap();
+    let t = ck.tensor("w").unwrap();
+    assert_eq!((t.dtype, t.shape, t.bytes), (FileDType::I8, &[2usize, 3][..], &codes[..]));
+    assert_eq!(ck.tensor("w_scale").unwrap().to_f32_vec().unwrap(), vec![0.5, 0.25]);
+    let bad =
+        [opt_checkpoint::RawTensorWrite { name: "q".into(), dtype: FileDType::I8, shape: vec![4], bytes: &codes }];
+    let e = opt_checkpoint::save_safetensors_raw(&path, &bad).unwrap_err();
+    assert!(err_string(&e).contains("'q'") && err_string(&e).contains("6 bytes"), "{e}");
+}

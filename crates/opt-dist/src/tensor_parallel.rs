@@ -57,6 +57,12 @@ pub fn parallelize<B: Backend + 'static>(model: OptModel<B>, tp: Arc<dyn Communi
     if tp.size() == 1 {
         return Ok(model);
     }
+    if model.is_quantized() {
+        return Err(crate::DistError::Config {
+            key: "tp",
+            detail: "tensor parallelism over an int8-quantized model is not supported".into(),
+        });
+    }
     let full = model.params_f32()?;
     let dtype = model.dtype();
     let local = shard_params(&model.cfg, &full, tp.size(), tp.rank())?;
@@ -81,5 +87,5 @@ pub fn from_shard<B: Backend + 'static>(
     let params = backend.from_f32(local, dtype)?;
     let hooks: Option<Arc<dyn ParallelHooks<B>>> =
         if tp.size() > 1 { Some(Arc::new(TpHooks { comm: tp })) } else { None };
-    Ok(OptModel { cfg, layout, params, backend, hooks })
+    Ok(OptModel { cfg, layout, params, backend, hooks, quant: None })
 }

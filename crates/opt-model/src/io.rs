@@ -11,6 +11,7 @@ use crate::config::OptConfig;
 use crate::init::metaseq_init;
 use crate::model::OptModel;
 use crate::params::ParamLayout;
+use crate::quant::QuantConfig;
 use crate::{ModelError, Result};
 
 /// Key prefixes a checkpoint may use for decoder tensors: `OPTForCausalLM` saves
@@ -20,30 +21,26 @@ const PREFIXES: [&str; 2] = ["model.", ""];
 impl<B: Backend> OptModel<B> {
     /// Load an HF model folder: `config.json` plus weights in any supported layout, converted
     /// to `dtype` on load.
+    ///
+    /// A folder written for a quantized model (`quantization_config` in `config.json`, see
+    /// [`crate::quant`]) loads as one: its int8 matrices stay int8 and `dtype` applies to the
+    /// other parameters.
     pub fn from_folder(backend: B, dir: &Path, dtype: DType) -> Result<Self> {
         let cfg = OptConfig::from_path(dir)?;
         let ckpt = Checkpoint::open(dir)?;
-        Self::from_checkpoint(backend, cfg, &ckpt, dtype)
+        match QuantConfig::from_folder(dir)? {
+            Some(qc) => Self::from_quantized_checkpoint(backend, cfg, qc, &ckpt, dtype),
+            None => Self::from_checkpoint(backend, cfg, &ckpt, dtype),
+        }
     }
 
     /// Build the model for `cfg` from the tensors of an opened checkpoint.
     pub fn from_checkpoint(backend: B, cfg: OptConfig, ckpt: &Checkpoint, dtype: DType) -> Result<Self> {
         let layout = ParamLayout::new(&cfg);
-        let mut host = vec![0f32; layout.total()];
-        for spec in &layout.specs {
-            let t = find_tensor(ckpt, &spec.name, cfg.tie_word_embeddings)?;
-            if t.shape != spec.shape.as_slice() {
-                return Err(ModelError::Weights {
-                    file: t.file.display().to_string(),
-                    name: t.name.to_string(),
-                    detail: format!("shape {:?}, but the config needs {:?}", t.shape, spec.shape),
-                });
-            }
-            t.read_f32_into(&mut host[spec.offset..spec.offset + spec.numel()])?;
-        }
+        let host = read_params(ckpt, &cfg, &layout)?;
         let params = backend.from_f32(&host, dtype)?;
         backend.set_mixed_precision((dtype != DType::F32).then_some(dtype));
-        Ok(OptModel { cfg, layout, params, backend, hooks: None })
+        Ok(OptModel { cfg, layout, params, backend, hooks: None, quant: None })
     }
 
     /// A randomly initialised model (metaseq's scheme, see [`crate::init`]).
@@ -54,7 +51,7 @@ impl<B: Backend> OptModel<B> {
         metaseq_init(&cfg, &layout, &mut host, std, seed);
         let params = backend.from_f32(&host, dtype)?;
         backend.set_mixed_precision((dtype != DType::F32).then_some(dtype));
-        Ok(OptModel { cfg, layout, params, backend, hooks: None })
+        Ok(OptModel { cfg, layout, params, backend, hooks: None, quant: None })
     }
 
     /// Build from host f32 parameters in this layout (tests, optimizers).
@@ -65,7 +62,7 @@ impl<B: Backend> OptModel<B> {
         }
         let params = backend.from_f32(host, dtype)?;
         backend.set_mixed_precision((dtype != DType::F32).then_some(dtype));
-        Ok(OptModel { cfg, layout, params, backend, hooks: None })
+        Ok(OptModel { cfg, layout, params, backend, hooks: None, quant: None })
     }
 
     /// Storage dtype of the parameters.
@@ -80,8 +77,13 @@ impl<B: Backend> OptModel<B> {
 
     /// Save as an HF folder: `config.json` + `model.safetensors` in the parameters' dtype, with
     /// `OPTForCausalLM`'s key names. Tied models omit `lm_head.weight`, as HF does.
+    ///
+    /// A quantized model is saved in the int8 folder format of [`crate::quant`].
     pub fn save_hf(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).map_err(|e| ModelError::Io { path: dir.to_path_buf(), source: e })?;
+        if let Some(q) = &self.quant {
+            return self.save_quantized(dir, q);
+        }
         let dtype = self.dtype();
         let host = self.params_f32()?;
         let mut blobs: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::with_capacity(self.layout.specs.len());
@@ -105,8 +107,25 @@ impl<B: Backend> OptModel<B> {
     }
 }
 
+/// Read the parameters of `layout` (its flat-buffer ones) from a checkpoint, as host f32.
+pub(crate) fn read_params(ckpt: &Checkpoint, cfg: &OptConfig, layout: &ParamLayout) -> Result<Vec<f32>> {
+    let mut host = vec![0f32; layout.total()];
+    for spec in &layout.specs {
+        let t = find_tensor(ckpt, &spec.name, cfg.tie_word_embeddings)?;
+        if t.shape != spec.shape.as_slice() {
+            return Err(ModelError::Weights {
+                file: t.file.display().to_string(),
+                name: t.name.to_string(),
+                detail: format!("shape {:?}, but the config needs {:?}", t.shape, spec.shape),
+            });
+        }
+        t.read_f32_into(&mut host[spec.offset..spec.offset + spec.numel()])?;
+    }
+    Ok(host)
+}
+
 /// Find parameter `name` (HF name without `model.`) under any accepted prefix.
-fn find_tensor<'a>(ckpt: &'a Checkpoint, name: &str, tied: bool) -> Result<opt_checkpoint::TensorRef<'a>> {
+pub(crate) fn find_tensor<'a>(ckpt: &'a Checkpoint, name: &str, tied: bool) -> Result<opt_checkpoint::TensorRef<'a>> {
     if name == "lm_head.weight" {
         return Ok(ckpt.tensor(name)?);
     }
@@ -126,7 +145,7 @@ fn find_tensor<'a>(ckpt: &'a Checkpoint, name: &str, tied: bool) -> Result<opt_c
     }))
 }
 
-fn encode(vals: &[f32], dtype: DType) -> Vec<u8> {
+pub(crate) fn encode(vals: &[f32], dtype: DType) -> Vec<u8> {
     match dtype {
         DType::F32 => vals.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DType::BF16 => vals.iter().flat_map(|&x| half::bf16::from_f32(x).to_le_bytes()).collect(),

@@ -7,6 +7,7 @@ pub mod io;
 pub mod model;
 pub mod parallel;
 pub mod params;
+pub mod quant;
 pub mod score;
 
 use std::path::PathBuf;
@@ -15,6 +16,7 @@ pub use config::{OptConfig, PRESETS};
 pub use model::{causal_targets, position_ids, DropoutCfg, KvCache, LogitsMode, OptModel, TrainBatch, TrainState};
 pub use parallel::{HostReduce, ParallelHooks};
 pub use params::{ParamLayout, ParamSpec};
+pub use quant::{QuantConfig, QuantWeights};
 pub use score::{score_sequence, SequenceScore};
 
 #[derive(Debug, thiserror::Error)]

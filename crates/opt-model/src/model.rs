@@ -18,6 +18,7 @@ use opt_tensor::{AttnDims, Backend, Buffer, DType, Dropout, Gemm, View, ViewMut}
 use crate::config::{OptConfig, LN_EPS, POSITION_OFFSET};
 use crate::parallel::{HostReduce, ParallelHooks};
 use crate::params::{LayerIdx, ParamLayout};
+use crate::quant::QuantWeights;
 use crate::{ModelError, Result};
 
 /// Which positions to compute logits for.
@@ -39,6 +40,10 @@ pub struct OptModel<B: Backend> {
     /// Tensor-parallel collectives when `layout` is a shard (set by `opt-dist`'s
     /// `parallelize`); `None` for the single-process model.
     pub hooks: Option<Arc<dyn ParallelHooks<B>>>,
+    /// The int8 matrices of a quantized model (inference only; see [`crate::quant`]). Their
+    /// layout offsets lie past `params`, so every product with a weight goes through
+    /// `OptModel::matmul_w`, which looks them up here first.
+    pub quant: Option<QuantWeights>,
 }
 
 /// Per-layer key/value cache for incremental decoding: `k[l]`, `v[l]` are `[B, capacity, C]`.
@@ -315,7 +320,11 @@ impl<B: Backend> OptModel<B> {
         let be = &self.backend;
         let (dp, vl) = (self.cfg.word_embed_proj_dim, self.layout.vocab);
         let mut local = be.zeros(DType::F32, rows * vl)?;
-        be.linear(local.vm(), xp, self.p(self.layout.lm_head_or_wte(), vl * dp), None, rows, dp, vl)?;
+        if self.quant.is_some() {
+            self.matmul_w(local.vm(), xp, self.layout.lm_head_or_wte(), rows, dp, vl)?;
+        } else {
+            be.linear(local.vm(), xp, self.p(self.layout.lm_head_or_wte(), vl * dp), None, rows, dp, vl)?;
+        }
         let Some(h) = &self.hooks else { return Ok(local) };
         let parts = h.all_gather_host(&be.to_f32(local.v())?)?;
         let v = self.cfg.vocab_size;
@@ -396,16 +405,34 @@ impl<B: Backend> OptModel<B> {
         out_dim: usize,
     ) -> Result<()> {
         let be = &self.backend;
-        if self.hooks.is_none() {
+        if self.hooks.is_none() && self.quant.is_none() {
             // No tensor parallelism: nothing to reduce between the product and the bias.
             return Ok(be.linear(out, x, self.p(w, out_dim * in_dim), self.po(b, out_dim), rows, in_dim, out_dim)?);
         }
-        be.matmul(out.rb(), x, self.p(w, out_dim * in_dim), &Gemm::new(rows, out_dim, in_dim, false, true))?;
+        self.matmul_w(out.rb(), x, w, rows, in_dim, out_dim)?;
         self.tp_reduce(out.rb())?;
         if let Some(b) = b {
             be.bias_add(out, self.p(b, out_dim), out_dim)?;
         }
         Ok(())
+    }
+
+    /// `out[rows, out_dim] = x[rows, in_dim] · Wᵀ` for the weight at layout offset `w`: the
+    /// int8 matrix when the model holds one there, else the flat buffer.
+    pub(crate) fn matmul_w(
+        &self,
+        out: ViewMut<'_, B::Buf>,
+        x: View<'_, B::Buf>,
+        w: usize,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        if let Some(q) = self.quant.as_ref().and_then(|q| q.get(w)) {
+            return Ok(self.backend.matmul_int8(out, x, q)?);
+        }
+        let g = Gemm::new(rows, out_dim, in_dim, false, true);
+        Ok(self.backend.matmul(out, x, self.p(w, out_dim * in_dim), &g)?)
     }
 
     /// A view of parameter `off` of `len` elements.
@@ -416,6 +443,26 @@ impl<B: Backend> OptModel<B> {
         off.map(|o| self.params.at(o, len))
     }
 
+    /// `out[rows, out_dim] = x[rows, in_dim] · Wᵀ (+ b)`.
+    #[allow(clippy::too_many_arguments)]
+    fn linear(
+        &self,
+        mut out: ViewMut<'_, B::Buf>,
+        x: View<'_, B::Buf>,
+        w: usize,
+        b: Option<usize>,
+        rows: usize,
+        in_dim: usize,
+        out_dim: usize,
+    ) -> Result<()> {
+        let be = &self.backend;
+        self.matmul_w(out.rb(), x, w, rows, in_dim, out_dim)?;
+        if let Some(b) = b {
+            be.bias_add(out, self.p(b, out_dim), out_dim)?;
+        }
+        Ok(())
+    }
+
     /// Embeddings for `ids` at `pos` into `x [N, C]`; the raw token rows go to `emb [N, Dp]`.
     fn embed(&self, x: &mut B::Buf, emb: &mut B::Buf, ids: &[u32], pos: &[u32]) -> Result<()> {
         let be = &self.backend;
@@ -423,7 +470,6 @@ impl<B: Backend> OptModel<B> {
         let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         let n = ids.len();
         check_ids(ids, cfg.vocab_size)?;
-        let wte = self.p(self.layout.wte, self.layout.vocab * dp);
         let wpe = self.p(self.layout.wpe, cfg.position_rows() * c);
         // Vocabulary-parallel lookup: each shard contributes the rows it owns, zeros elsewhere,
         // and the sum over the group is the full embedding.
@@ -433,7 +479,13 @@ impl<B: Backend> OptModel<B> {
             None => ids,
         };
         let tok_out = if self.layout.project_in.is_some() { &mut *emb } else { &mut *x };
-        be.embedding_forward(tok_out.at_mut(0, n * dp), wte, tok, dp, false)?;
+        match self.quant.as_ref().and_then(|q| q.get(self.layout.wte)) {
+            Some(q) => be.embedding_int8(tok_out.at_mut(0, n * dp), q, tok, false)?,
+            None => {
+                let wte = self.p(self.layout.wte, self.layout.vocab * dp);
+                be.embedding_forward(tok_out.at_mut(0, n * dp), wte, tok, dp, false)?
+            }
+        }
         if let Some((_, owned)) = &local {
             for (r, _) in owned.iter().enumerate().filter(|(_, &o)| !o) {
                 be.fill(tok_out.at_mut(r * dp, dp), 0.0)?;
@@ -488,17 +540,24 @@ impl<B: Backend> OptModel<B> {
         }
         {
             let a_in = if pre { acts.ln1_out.at(0, nc) } else { acts.x_in.at(0, nc) };
-            // q, k, v: one call (a GPU decoding step runs it as one launch).
-            let (wq, wk, wv) = (self.p(l.q_w, ca * c), self.p(l.k_w, ca * c), self.p(l.v_w, ca * c));
-            be.linear3(
-                [acts.q.at_mut(0, nca), acts.k.at_mut(0, nca), acts.v.at_mut(0, nca)],
-                a_in,
-                [wq, wk, wv],
-                [self.po(l.q_b, ca), self.po(l.k_b, ca), self.po(l.v_b, ca)],
-                n,
-                c,
-                ca,
-            )?;
+            if self.quant.is_some() {
+                // int8 matrices live outside the flat buffer: one product each.
+                self.linear(acts.q.at_mut(0, nca), a_in, l.q_w, l.q_b, n, c, ca)?;
+                self.linear(acts.k.at_mut(0, nca), a_in, l.k_w, l.k_b, n, c, ca)?;
+                self.linear(acts.v.at_mut(0, nca), a_in, l.v_w, l.v_b, n, c, ca)?;
+            } else {
+                // q, k, v: one call (a GPU decoding step runs it as one launch).
+                let (wq, wk, wv) = (self.p(l.q_w, ca * c), self.p(l.k_w, ca * c), self.p(l.v_w, ca * c));
+                be.linear3(
+                    [acts.q.at_mut(0, nca), acts.k.at_mut(0, nca), acts.v.at_mut(0, nca)],
+                    a_in,
+                    [wq, wk, wv],
+                    [self.po(l.q_b, ca), self.po(l.k_b, ca), self.po(l.v_b, ca)],
+                    n,
+                    c,
+                    ca,
+                )?;
+            }
         }
         let attn_drop = drop.and_then(|d| d.site(li, 2, d.attn_p));
         let mut dims = AttnDims {
@@ -569,7 +628,7 @@ impl<B: Backend> OptModel<B> {
             }
         }
         let o_drop = drop.and_then(|d| d.site(li, 0, d.p));
-        if o_drop.is_none() && self.hooks.is_none() {
+        if o_drop.is_none() && self.hooks.is_none() && self.quant.is_none() {
             // resid1 = x_in + out_proj(attn_y), the add fused where the backend can.
             be.linear_residual(
                 acts.resid1.at_mut(0, nc),
@@ -618,20 +677,25 @@ impl<B: Backend> OptModel<B> {
         {
             // fc1 and its activation (fc1_pre is kept for the backward pass).
             let f_in = if pre { acts.ln2_out.at(0, nc) } else { acts.ln1_out.at(0, nc) };
-            be.linear_act(
-                acts.fc1_pre.at_mut(0, n * f),
-                acts.fc1_act.at_mut(0, n * f),
-                f_in,
-                self.p(l.fc1_w, f * c),
-                self.po(l.fc1_b, f),
-                cfg.activation(),
-                n,
-                c,
-                f,
-            )?;
+            if self.quant.is_some() {
+                self.linear(acts.fc1_pre.at_mut(0, n * f), f_in, l.fc1_w, l.fc1_b, n, c, f)?;
+                be.activation_forward(cfg.activation(), acts.fc1_act.at_mut(0, n * f), acts.fc1_pre.at(0, n * f))?;
+            } else {
+                be.linear_act(
+                    acts.fc1_pre.at_mut(0, n * f),
+                    acts.fc1_act.at_mut(0, n * f),
+                    f_in,
+                    self.p(l.fc1_w, f * c),
+                    self.po(l.fc1_b, f),
+                    cfg.activation(),
+                    n,
+                    c,
+                    f,
+                )?;
+            }
         }
         let f_drop = drop.and_then(|d| d.site(li, 1, d.p));
-        if f_drop.is_none() && self.hooks.is_none() {
+        if f_drop.is_none() && self.hooks.is_none() && self.quant.is_none() {
             // The residual add fused into fc2 where the backend can.
             let (dst, residual) = if pre {
                 (out.rb(), acts.resid1.at(0, nc))
@@ -892,6 +956,11 @@ impl<B: Backend> OptModel<B> {
         let be = &self.backend;
         let cfg = &self.cfg;
         let (bsz, t) = (batch.batch, batch.seq);
+        if self.quant.is_some() {
+            return Err(ModelError::Input(
+                "this model holds int8 weights, which are for inference only; train from the f32/bf16 model".into(),
+            ));
+        }
         if st.batch != bsz || st.seq != t {
             return Err(ModelError::Input(format!("train state is for {}×{}, batch is {bsz}×{t}", st.batch, st.seq)));
         }

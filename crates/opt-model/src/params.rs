@@ -73,6 +73,10 @@ pub struct ParamLayout {
     /// This shard's vocabulary rows (`ceil(vocab_size / tp)`; the last shard may hold padding
     /// rows past `vocab_size`, which are kept at zero and masked out of the softmax).
     pub vocab: usize,
+    /// Matrices held outside the flat buffer (the int8 weights of a quantized model, see
+    /// [`ParamLayout::without`]). Their `offset` is a key at or past [`ParamLayout::total`],
+    /// which no view of the buffer can reach. Empty for an ordinary model.
+    pub external: Vec<ParamSpec>,
     total: usize,
 }
 
@@ -175,6 +179,7 @@ impl ParamLayout {
             attn_dim: ca,
             ffn_dim: f,
             vocab: v,
+            external: Vec::new(),
             total: off,
         }
     }
@@ -186,6 +191,70 @@ impl ParamLayout {
 
     pub fn find(&self, name: &str) -> Option<&ParamSpec> {
         self.specs.iter().find(|s| s.name == name)
+    }
+
+    /// This layout with the parameters `moved` selects taken out of the flat buffer: the others
+    /// are repacked in order, and each moved parameter gets the key `total() + old offset`
+    /// (past the new buffer, distinct per parameter) in every index field and in
+    /// [`ParamLayout::external`]. For a layout without external parameters.
+    pub fn without(&self, moved: impl Fn(&ParamSpec) -> bool) -> ParamLayout {
+        let kept: usize = self.specs.iter().filter(|s| !moved(s)).map(ParamSpec::numel).sum();
+        let mut map = std::collections::HashMap::with_capacity(self.specs.len());
+        let (mut specs, mut external) = (Vec::new(), Vec::new());
+        let mut off = 0;
+        for s in &self.specs {
+            let new = if moved(s) {
+                external.push(ParamSpec { offset: kept + s.offset, ..s.clone() });
+                kept + s.offset
+            } else {
+                specs.push(ParamSpec { offset: off, ..s.clone() });
+                off += s.numel();
+                off - s.numel()
+            };
+            map.insert(s.offset, new);
+        }
+        // Every index field holds the offset of some spec.
+        let m = |o: usize| map[&o];
+        let mo = |o: Option<usize>| o.map(m);
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| LayerIdx {
+                q_w: m(l.q_w),
+                q_b: mo(l.q_b),
+                k_w: m(l.k_w),
+                k_b: mo(l.k_b),
+                v_w: m(l.v_w),
+                v_b: mo(l.v_b),
+                o_w: m(l.o_w),
+                o_b: mo(l.o_b),
+                ln1_w: mo(l.ln1_w),
+                ln1_b: mo(l.ln1_b),
+                fc1_w: m(l.fc1_w),
+                fc1_b: mo(l.fc1_b),
+                fc2_w: m(l.fc2_w),
+                fc2_b: mo(l.fc2_b),
+                ln2_w: mo(l.ln2_w),
+                ln2_b: mo(l.ln2_b),
+            })
+            .collect();
+        ParamLayout {
+            specs,
+            wte: m(self.wte),
+            wpe: m(self.wpe),
+            project_in: mo(self.project_in),
+            project_out: mo(self.project_out),
+            final_ln_w: mo(self.final_ln_w),
+            final_ln_b: mo(self.final_ln_b),
+            lm_head: mo(self.lm_head),
+            layers,
+            tp: self.tp,
+            attn_dim: self.attn_dim,
+            ffn_dim: self.ffn_dim,
+            vocab: self.vocab,
+            external,
+            total: kept,
+        }
     }
 
     /// Offset of the output (LM head) matrix: `lm_head` or the tied token embedding.

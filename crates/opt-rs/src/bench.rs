@@ -41,6 +41,12 @@ pub struct BenchArgs {
     /// Timed training steps (after two warm-up steps).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Quantize the layer matrices to int8 (weight-only; `--dtype` is then the dtype of the
+    /// other parameters). Inference only (prefill, decode).
+    #[arg(long)]
+    int8: bool,
+    #[command(flatten)]
+    quant: crate::quantize::QuantOpts,
 }
 
 fn time<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
@@ -78,6 +84,18 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
     let cfg = OptConfig::preset(&a.preset)?;
     let std = cfg.init_std;
     let mut model = OptModel::new_random(backend, cfg, dtype, std, 0)?;
+    if a.int8 {
+        model = model.quantize(a.quant.config()?)?;
+    }
+    // The weights as benchmarked: "f32", "bf16", "int8-g0+bf16" (int8 matrices with 0 = per-channel
+    // or N-column groups, the rest in bf16), "int8-g128-emb+bf16" (embeddings int8 too).
+    let weights = match &model.quant {
+        None => a.dtype.clone(),
+        Some(q) => {
+            format!("int8-g{}{}+{}", q.config.group_size, if q.config.embeddings { "-emb" } else { "" }, model.dtype())
+        }
+    };
+    let weight_mb = round1(model.weight_bytes() as f64 / 1e6);
     let sys = if model.backend.name() == "cpu" {
         "opt-rs-cpu".to_string()
     } else {
@@ -92,14 +110,14 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
             let l = model.forward(&x, 1, None, None, LogitsMode::All)?;
             sync(&model.backend, &l)
         })?;
-        emit(json!({"sys": sys, "task": "prefill", "model": name, "dtype": a.dtype, "threads": threads,
-                   "tokens": a.prefill, "logits": "all", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)}));
+        emit(json!({"sys": sys, "task": "prefill", "model": name, "dtype": weights, "weight_mb": weight_mb,
+                   "threads": threads, "tokens": a.prefill, "logits": "all", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)}));
         let dt = time(a.reps, || {
             let l = model.forward(&x, 1, None, None, LogitsMode::Last)?;
             sync(&model.backend, &l)
         })?;
-        emit(json!({"sys": sys, "task": "prefill_last", "model": name, "dtype": a.dtype, "threads": threads,
-                   "tokens": a.prefill, "logits": "last", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)}));
+        emit(json!({"sys": sys, "task": "prefill_last", "model": name, "dtype": weights, "weight_mb": weight_mb,
+                   "threads": threads, "tokens": a.prefill, "logits": "last", "ms": round1(dt * 1e3), "tok_per_s": round1(a.prefill as f64 / dt)}));
     }
     if want("decode") {
         let b = a.batch.max(1);
@@ -107,6 +125,9 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
         let v = model.cfg.vocab_size;
         let steps = a.new_tokens;
         let reps = (a.reps / 2).max(1);
+        // The fastest single decode step too: on a shared machine the minimum is far less
+        // disturbed by other processes than the mean.
+        let mut min_step = f64::INFINITY;
         let dt = time(reps, || {
             // Greedy: prefill (last logits only), then one token per row and step with the KV cache.
             let mut cache = KvCache::new(&model.backend, &model.cfg, b, a.prompt + steps)?;
@@ -114,14 +135,18 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
             for _ in 1..steps {
                 // Greedy choice where the logits are (on a GPU only the ids cross the bus).
                 let next = model.backend.argmax_rows(logits.at(0, b * v), v)?;
+                let t0 = Instant::now();
                 logits = model.forward(&next, b, None, Some(&mut cache), LogitsMode::Last)?;
+                sync(&model.backend, &logits)?;
+                min_step = min_step.min(t0.elapsed().as_secs_f64());
             }
             sync(&model.backend, &logits)
         })?;
         let label = if b == 1 { format!("generate{}+{}", a.prompt, steps) } else { "generate".to_string() };
-        emit(json!({"sys": sys, "device": model.backend.name(), "task": label, "model": name, "dtype": a.dtype,
-                   "threads": threads, "batch": b, "prompt": a.prompt, "new": steps,
-                   "s": round2(dt), "new_tok_per_s": round1((b * steps) as f64 / dt)}));
+        emit(json!({"sys": sys, "device": model.backend.name(), "task": label, "model": name, "dtype": weights,
+                   "weight_mb": weight_mb, "threads": threads, "batch": b, "prompt": a.prompt, "new": steps,
+                   "s": round2(dt), "new_tok_per_s": round1((b * steps) as f64 / dt),
+                   "min_step_ms": round2(min_step * 1e3)}));
     }
     if want("train") {
         train(&a, &mut model, &sys)?;

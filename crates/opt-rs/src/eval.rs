@@ -15,9 +15,12 @@ use serde_json::Value;
 
 #[derive(clap::Args)]
 pub struct EvalArgs {
-    /// HF model folder (config.json + weights).
+    /// HF model folder (config.json + weights; int8 folders of `opt-rs quantize` too), or a
+    /// metaseq checkpoint (a .pt file or a folder of them; give --config or --preset).
     #[arg(long, required_unless_present = "random_preset", conflicts_with = "random_preset")]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    metaseq: crate::load::MetaseqArgs,
     /// For benchmarking only: random weights in the shape of a preset (125m, 350m, ...) instead
     /// of --model. The scores are meaningless; the timings are what it is for.
     #[arg(long)]
@@ -54,6 +57,12 @@ pub struct EvalArgs {
     /// Tokenizer folder (default: the model folder if it has one, else the bundled OPT tokenizer).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// Quantize the layer matrices to int8 after loading (as `opt-rs quantize` would), to
+    /// measure the drift without writing a folder. A quantized folder needs no flag.
+    #[arg(long)]
+    int8: bool,
+    #[command(flatten)]
+    quant: crate::quantize::QuantOpts,
 }
 
 /// `--data-dir`, else `shared/data/eval` next to this checkout (found from the source path the
@@ -84,8 +93,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
 
     let (model, tok) = match (&a.model, &a.random_preset) {
         (Some(dir), _) => {
-            let m = OptModel::from_folder(CpuBackend::new(), dir, dtype)
-                .with_context(|| format!("loading model from {}", dir.display()))?;
+            let m = crate::load::load_model(CpuBackend::new(), dir, dtype, &a.metaseq)?;
             (m, crate::score::tokenizer_for(dir, a.tokenizer.as_deref())?)
         }
         (None, Some(preset)) => {
@@ -99,6 +107,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         }
         (None, None) => anyhow::bail!("give --model DIR (or --random-preset for benchmarking)"),
     };
+    let model = if a.int8 { model.quantize(a.quant.config()?).context("quantizing")? } else { model };
 
     let opts = EvalOptions {
         score: ScoreOptions { batch_size: a.batch_size, reuse_context: !a.no_context_reuse },

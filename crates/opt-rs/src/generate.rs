@@ -24,9 +24,12 @@ use serde_json::{json, Map, Value};
 
 #[derive(clap::Args)]
 pub struct GenerateArgs {
-    /// HF model folder (config.json + weights).
+    /// HF model folder (config.json + weights; int8 folders of `opt-rs quantize` too), or a
+    /// metaseq checkpoint (a .pt file or a folder of them; give --config or --preset).
     #[arg(long, required_unless_present = "random_preset")]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    metaseq: crate::load::MetaseqArgs,
     /// Benchmarks only: random weights of a preset (tiny, 125m, ...) instead of --model.
     #[arg(long, hide = true, conflicts_with = "model")]
     random_preset: Option<String>,
@@ -235,8 +238,7 @@ fn run_with<B: Backend + 'static>(a: GenerateArgs, backend: B) -> Result<()> {
     params.validate().map_err(cli_error)?;
     let prompts = collect_prompts(&a)?;
     let model = match (&a.model, &a.random_preset) {
-        (Some(dir), _) => OptModel::from_folder(backend, dir, dtype)
-            .with_context(|| format!("loading model from {}", dir.display()))?,
+        (Some(dir), _) => crate::load::load_model(backend, dir, dtype, &a.metaseq)?,
         (None, Some(preset)) => {
             let cfg = OptConfig::preset(preset)?;
             let std = cfg.init_std;

@@ -7,6 +7,8 @@ mod device;
 mod dist;
 mod eval;
 mod generate;
+mod load;
+mod quantize;
 mod score;
 mod serve;
 mod train;
@@ -60,6 +62,9 @@ enum Cmd {
     /// Checkpoint tools: `checkpoint reshard` rewrites a training checkpoint (params and
     /// optimizer state) or a tensor-parallel model folder at another --tp / --fsdp layout.
     Checkpoint(checkpoint::CheckpointArgs),
+    /// Write a weight-only int8 copy of a model folder (per-channel or group-wise absmax scales),
+    /// which score, generate, serve and eval load like any other folder.
+    Quantize(quantize::QuantizeArgs),
     /// Distributed tools: the step-time model table (`dist model`) and `dist reshard` (the same
     /// as `checkpoint reshard`).
     Dist(dist::DistArgs),
@@ -122,6 +127,7 @@ fn run() -> Result<()> {
         Cmd::Export(a) => train::run_export(a),
         Cmd::Convert(a) => convert::run(a),
         Cmd::Checkpoint(a) => checkpoint::run(a),
+        Cmd::Quantize(a) => quantize::run(a),
         Cmd::Dist(a) => dist::run(a),
     }
 }

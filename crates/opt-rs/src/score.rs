@@ -3,15 +3,18 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use opt_model::{score_sequence, OptModel};
+use opt_model::score_sequence;
 use opt_tensor::{Backend, DType};
 use serde_json::{json, Map, Value};
 
 #[derive(clap::Args)]
 pub struct ScoreArgs {
-    /// HF model folder (config.json + weights).
+    /// HF model folder (config.json + weights; int8 folders of `opt-rs quantize` too), or a
+    /// metaseq checkpoint (a .pt file or a folder of them; give --config or --preset).
     #[arg(long)]
     model: PathBuf,
+    #[command(flatten)]
+    metaseq: crate::load::MetaseqArgs,
     /// Text to score (tokenized with the model folder's tokenizer, or the bundled one).
     #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
     text: Option<String>,
@@ -53,8 +56,7 @@ impl crate::device::Job for ScoreJob {
 
 fn run<B: Backend>(a: ScoreArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
-    let model = OptModel::from_folder(backend, &a.model, dtype)
-        .with_context(|| format!("loading model from {}", a.model.display()))?;
+    let model = crate::load::load_model(backend, &a.model, dtype, &a.metaseq)?;
     // Text input needs a tokenizer; with ids, one is only used to show token strings.
     let tok = match (&a.text, a.json) {
         (Some(_), _) => Some(tokenizer_for(&a.model, a.tokenizer.as_deref())?),

@@ -16,9 +16,12 @@ const API_KEY_ENV: &str = "OPT_RS_API_KEY";
 
 #[derive(clap::Args)]
 pub struct ServeArgs {
-    /// HF model folder (config.json + weights).
+    /// HF model folder (config.json + weights; int8 folders of `opt-rs quantize` too), or a
+    /// metaseq checkpoint (a .pt file or a folder of them; give --config or --preset).
     #[arg(long, required_unless_present = "random_preset")]
     model: Option<PathBuf>,
+    #[command(flatten)]
+    metaseq: crate::load::MetaseqArgs,
     /// Benchmarks: random weights of a preset (tiny, 125m, ...) with the bundled tokenizer
     /// instead of --model.
     #[arg(long, conflicts_with = "model")]
@@ -67,8 +70,7 @@ fn run_with<B: Backend + 'static>(a: ServeArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
     let (model, tok, default_name) = match (&a.model, &a.random_preset) {
         (Some(dir), _) => {
-            let model = OptModel::from_folder(backend, dir, dtype)
-                .with_context(|| format!("loading model from {}", dir.display()))?;
+            let model = crate::load::load_model(backend, dir, dtype, &a.metaseq)?;
             let tok = crate::score::tokenizer_for(dir, a.tokenizer.as_deref())?;
             let name = std::fs::canonicalize(dir)
                 .ok()

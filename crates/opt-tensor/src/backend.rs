@@ -13,7 +13,7 @@
 //! - Shape legend: N = rows (B*T), C = channels, V = vocab, B = batch, T = time,
 //!   NH = heads, HS = head size (C / NH).
 
-use crate::{DType, Result};
+use crate::{DType, Int8Matrix, Result, TensorError};
 
 /// A read-only window `[off, off + len)` (in elements) of a backend buffer.
 pub struct View<'a, T: ?Sized> {
@@ -332,6 +332,25 @@ pub trait Backend: Send + Sync {
         b: View<'_, Self::Buf>,
         g: &Gemm,
     ) -> Result<()>;
+    /// Weight-only int8 linear: `out [rows, w.rows()] = x [rows, w.cols()] · ŵᵀ` where `ŵ` is the
+    /// dequantized weight (see [`crate::quant`]); `out` is f32. Inference only (no backward).
+    /// Backends without int8 kernels keep this default, an `Unsupported` error.
+    fn matmul_int8(&self, out: ViewMut<'_, Self::Buf>, x: View<'_, Self::Buf>, w: &Int8Matrix) -> Result<()> {
+        let _ = (out, x, w);
+        Err(TensorError::Unsupported { op: "matmul_int8", backend: self.name() })
+    }
+    /// `out[r, :] (+)= ŵ[ids[r], :]` for an int8 embedding table (`out [ids.len(), w.cols()]`).
+    /// Default: an `Unsupported` error.
+    fn embedding_int8(
+        &self,
+        out: ViewMut<'_, Self::Buf>,
+        table: &Int8Matrix,
+        ids: &[u32],
+        accumulate: bool,
+    ) -> Result<()> {
+        let _ = (out, table, ids, accumulate);
+        Err(TensorError::Unsupported { op: "embedding_int8", backend: self.name() })
+    }
     /// `out[r, c] += bias[c]` for `out` of shape `[rows, dim]`.
     fn bias_add(&self, out: ViewMut<'_, Self::Buf>, bias: View<'_, Self::Buf>, dim: usize) -> Result<()>;
     /// `dbias[c] += sum_r dout[r, c]` (deterministic).

@@ -6,11 +6,13 @@
 pub mod backend;
 pub mod cpu;
 pub mod dtype;
+pub mod quant;
 pub mod rng;
 
 pub use backend::{Activation, AdamW, AttnDims, Backend, Buffer, Dropout, Gemm, View, ViewMut};
 pub use cpu::{CpuBackend, CpuBuf};
 pub use dtype::DType;
+pub use quant::Int8Matrix;
 
 /// Errors from a backend (allocation, device failures, shape mismatches a caller could cause).
 #[derive(Debug, thiserror::Error)]
@@ -21,6 +23,8 @@ pub enum TensorError {
     DType { op: &'static str, dtype: DType },
     #[error("device error: {0}")]
     Device(String),
+    #[error("{op} is not supported on the {backend} backend")]
+    Unsupported { op: &'static str, backend: String },
 }
 
 pub type Result<T> = std::result::Result<T, TensorError>;

@@ -15,6 +15,8 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::Int8Matrix;
+
 /// The largest `m` routed here; larger products go to `gemm`.
 pub(crate) const GEMV_MAX_M: usize = 64;
 
@@ -46,6 +48,22 @@ impl OutPtr {
 /// Lengths: `a.len() >= m*k`, `w` has `n*k` elements, `out.len() >= m*n` (checked by caller).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn gemv_nt(out: &mut [f32], a: &[f32], w: WRows<'_>, m: usize, n: usize, k: usize, alpha: f32, beta: f32) {
+    drive(out, m, n, k, alpha, beta, |j, dots| dot_rows(a, w, j, m, k, dots));
+}
+
+/// `out[i*n + j] = dot(a[i*k..], ŵ[j*k..])` for an int8 weight `w [n, k]`, dequantized on the
+/// fly: one byte per weight is read instead of four (f32) or two (bf16). Bit-identical to
+/// [`gemv_nt`] over `w.dequantize()` (each weight is widened as the single product `q · s`,
+/// then the same lanes and reduction follow).
+pub(crate) fn gemv_nt_i8(out: &mut [f32], a: &[f32], w: &Int8Matrix, m: usize) {
+    let (n, k) = (w.rows(), w.cols());
+    drive(out, m, n, k, 1.0, 0.0, |j, dots| dot_rows_i8(a, w, j, m, dots));
+}
+
+/// The parallel driver shared by the weight dtypes: tasks own blocks of weight rows (output
+/// columns); `dot(j, dots)` writes the dots of weight row `j` with rows `0..m` of `a`.
+#[allow(clippy::too_many_arguments)]
+fn drive(out: &mut [f32], m: usize, n: usize, k: usize, alpha: f32, beta: f32, dot: impl Fn(usize, &mut [f32]) + Sync) {
     let optr = OutPtr(out.as_mut_ptr());
     let tasks = n.div_ceil(ROWS_PER_TASK);
     let run = |t: usize| {
@@ -53,7 +71,7 @@ pub(crate) fn gemv_nt(out: &mut [f32], a: &[f32], w: WRows<'_>, m: usize, n: usi
         let j1 = (j0 + ROWS_PER_TASK).min(n);
         let mut dots = [0f32; GEMV_MAX_M];
         for j in j0..j1 {
-            dot_rows(a, w, j, m, k, &mut dots[..m]);
+            dot(j, &mut dots[..m]);
             for (i, &d) in dots[..m].iter().enumerate() {
                 // SAFETY: (i, j) is inside out (m*n checked by the caller) and column j belongs
                 // to this task alone.
@@ -69,6 +87,22 @@ pub(crate) fn gemv_nt(out: &mut [f32], a: &[f32], w: WRows<'_>, m: usize, n: usi
     } else {
         (0..tasks).for_each(run);
     }
+}
+
+/// Dots of int8 weight row `j` with rows `0..m` of `a`.
+fn dot_rows_i8(a: &[f32], w: &Int8Matrix, j: usize, m: usize, dots: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            // SAFETY: the features were checked just above.
+            unsafe { x86::dot_rows_i8(a, w, j, m, dots) };
+            return;
+        }
+    }
+    let k = w.cols();
+    let mut wrow = vec![0f32; k];
+    w.dequantize_rows_into(j, &mut wrow);
+    scalar_dots(a, &wrow, m, k, dots)
 }
 
 /// Dots of weight row `j` with rows `0..m` of `a`.
@@ -95,6 +129,12 @@ fn scalar_dot_rows(a: &[f32], w: WRows<'_>, j: usize, m: usize, k: usize, dots: 
         WRows::BF16(s) => s[j * k..(j + 1) * k].iter().map(|x| x.to_f32()).collect(),
         WRows::F16(s) => s[j * k..(j + 1) * k].iter().map(|x| x.to_f32()).collect(),
     };
+    scalar_dots(a, &wrow, m, k, dots)
+}
+
+/// Dots of one widened weight row with rows `0..m` of `a`, in the lane structure of the AVX2
+/// path.
+fn scalar_dots(a: &[f32], wrow: &[f32], m: usize, k: usize, dots: &mut [f32]) {
     for (i, d) in dots.iter_mut().enumerate().take(m) {
         let x = &a[i * k..(i + 1) * k];
         let mut lanes = [0f32; 16];
@@ -126,6 +166,7 @@ fn reduce16(l: &[f32; 16]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::WRows;
+    use crate::Int8Matrix;
     use std::arch::x86_64::*;
 
     /// Load 8 weights at `w[idx..idx + 8]` widened to f32.
@@ -188,6 +229,53 @@ mod x86 {
                 let mut tail = 0f32;
                 for c in body..k {
                     tail = (*ap.add((i + q) * k + c)).mul_add(wscalar(w, wbase + c), tail);
+                }
+                dots[i + q] = hsum(lo[q], hi[q]) + tail;
+            }
+            i += r;
+        }
+    }
+
+    /// [`dot_rows`] for an int8 row: 16 codes are loaded, widened to f32 and multiplied by
+    /// their group's scale (a group is a multiple of 16 columns, or the whole row, so a 16-wide
+    /// step never straddles two groups), then accumulated exactly as an f32 row would be.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_rows_i8(a: &[f32], w: &Int8Matrix, j: usize, m: usize, dots: &mut [f32]) {
+        let k = w.cols();
+        let (gl, gpr) = (w.group_len(), w.groups_per_row());
+        let body = k / 16 * 16;
+        let qrow = w.codes().as_ptr().add(j * k);
+        let srow = &w.scales()[j * gpr..(j + 1) * gpr];
+        let ap = a.as_ptr();
+        let mut i = 0;
+        while i < m {
+            let r = (m - i).min(4);
+            let mut lo = [_mm256_setzero_ps(); 4];
+            let mut hi = [_mm256_setzero_ps(); 4];
+            let (mut g, mut gend) = (0, gl);
+            let mut sv = _mm256_set1_ps(srow[0]);
+            let mut c = 0;
+            while c < body {
+                if c >= gend {
+                    g += 1;
+                    gend += gl;
+                    sv = _mm256_set1_ps(*srow.get_unchecked(g));
+                }
+                let raw = _mm_loadu_si128(qrow.add(c) as *const __m128i);
+                let w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), sv);
+                let w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(raw, 8))), sv);
+                for q in 0..r {
+                    let xr = ap.add((i + q) * k + c);
+                    lo[q] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, lo[q]);
+                    hi[q] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, hi[q]);
+                }
+                c += 16;
+            }
+            for q in 0..r {
+                let mut tail = 0f32;
+                for c in body..k {
+                    let wv = *qrow.add(c) as f32 * srow[c / gl];
+                    tail = (*ap.add((i + q) * k + c)).mul_add(wv, tail);
                 }
                 dots[i + q] = hsum(lo[q], hi[q]) + tail;
             }
@@ -259,6 +347,23 @@ mod tests {
         scalar_dot_rows(&a, WRows::F32(&w), 5, 9, k, &mut dots);
         for i in 0..9 {
             assert_eq!(dots[i].to_bits(), all[i * n + 5].to_bits(), "scalar row {i}");
+        }
+    }
+
+    #[test]
+    fn int8_rows_match_the_portable_path_bit_for_bit() {
+        let (m, n, k) = (5, 12, 200);
+        let a = data(m * k, 7);
+        for gs in [0, 16, 64] {
+            let w = Int8Matrix::quantize(&data(n * k, 8), n, k, gs).unwrap();
+            let deq = w.dequantize();
+            for j in 0..n {
+                let (mut got, mut want) = (vec![0f32; m], vec![0f32; m]);
+                dot_rows_i8(&a, &w, j, m, &mut got);
+                scalar_dot_rows(&a, WRows::F32(&deq), j, m, k, &mut want);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "gs {gs} row {j}");
+            }
         }
     }
 

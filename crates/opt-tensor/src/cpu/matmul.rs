@@ -150,7 +150,7 @@ impl OutPtr {
 /// One m×n problem split into [`COL_BLOCK`]-wide column blocks computed in parallel, each by a
 /// serial gemm. `fill(j0, w, scratch)` writes columns `j0..j0+w` of `op(b)` into `scratch` as a
 /// k×w (`!trans_b`) or w×k (`trans_b`) row-major block.
-fn col_blocked(out: &mut [f32], a: &[f32], g: &Gemm, fill: impl Fn(usize, usize, &mut Vec<f32>) + Sync) {
+pub(crate) fn col_blocked(out: &mut [f32], a: &[f32], g: &Gemm, fill: impl Fn(usize, usize, &mut Vec<f32>) + Sync) {
     let (m, n, k) = (g.m, g.n, g.k);
     debug_assert!(out.len() == m * n && a.len() == m * k);
     let (a_rs, a_cs) = if g.trans_a { (1, m) } else { (k, 1) };

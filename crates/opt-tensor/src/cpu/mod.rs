@@ -31,6 +31,7 @@ mod memory;
 mod norm;
 mod optim;
 mod par;
+mod quant;
 mod simd;
 
 #[cfg(test)]
@@ -42,7 +43,7 @@ use std::cell::RefCell;
 use half::{bf16, f16};
 
 use crate::backend::{Activation, AdamW, AttnDims, Backend, Buffer, Dropout, Gemm, View, ViewMut};
-use crate::{DType, Result, TensorError};
+use crate::{DType, Int8Matrix, Result, TensorError};
 
 /// A host buffer of one dtype.
 #[derive(Clone, Debug, PartialEq)]
@@ -360,6 +361,29 @@ impl Backend for CpuBackend {
                 with_f32(OP, b, |b| matmul::matmul(out, a, b, g))
             }
         })??;
+        Ok(())
+    }
+
+    fn matmul_int8(&self, out: ViewMut<'_, CpuBuf>, x: View<'_, CpuBuf>, w: &Int8Matrix) -> Result<()> {
+        const OP: &str = "matmul_int8";
+        let out = f32_mut(OP, out)?;
+        let m = rows_of(OP, "x", x.len, w.cols())?;
+        expect_len(OP, "out", out.len(), checked_prod(OP, &[m, w.rows()])?)?;
+        with_f32(OP, x, |x| quant::matmul_int8(out, x, w, m))
+    }
+
+    fn embedding_int8(
+        &self,
+        out: ViewMut<'_, CpuBuf>,
+        table: &Int8Matrix,
+        ids: &[u32],
+        accumulate: bool,
+    ) -> Result<()> {
+        const OP: &str = "embedding_int8";
+        let out = f32_mut(OP, out)?;
+        expect_len(OP, "out", out.len(), checked_prod(OP, &[ids.len(), table.cols()])?)?;
+        embedding::check_ids(OP, ids, table.rows())?;
+        quant::embedding_int8(out, table, ids, accumulate);
         Ok(())
     }
 
