@@ -105,8 +105,9 @@ impl<B: Backend> OptModel<B> {
     }
 }
 
-/// Find parameter `name` (HF name without `model.`) under any accepted prefix.
-fn find_tensor<'a>(ckpt: &'a Checkpoint, name: &str, tied: bool) -> Result<opt_checkpoint::TensorRef<'a>> {
+/// Find parameter `name` (HF name without `model.`) under any accepted prefix (also used by
+/// `opt-dist` to read one tensor-parallel slice at a time).
+pub fn find_tensor<'a>(ckpt: &'a Checkpoint, name: &str, tied: bool) -> Result<opt_checkpoint::TensorRef<'a>> {
     if name == "lm_head.weight" {
         return Ok(ckpt.tensor(name)?);
     }
