@@ -22,6 +22,8 @@ use opt_tensor::{CpuBackend, DType};
 use opt_tokenizer::OptTokenizer;
 use serde_json::{json, Map, Value};
 
+use crate::tp_infer::TpGroup;
+
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// HF model folder (config.json + weights).
@@ -115,6 +117,10 @@ pub struct GenerateArgs {
     /// Print timing (seconds, new tokens/s) as a JSON line on stderr.
     #[arg(long, hide = true)]
     timing: bool,
+    /// Tensor parallelism: split the model over the N processes of an `mpirun -np N` (or
+    /// torchrun-style) launch, each loading only its slice; rank 0 prints.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
 }
 
 impl GenerateArgs {
@@ -223,23 +229,50 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let params = a.params()?;
     // Check the options before spending time on loading the model.
     params.validate().map_err(cli_error)?;
-    let prompts = collect_prompts(&a)?;
-    let model = match (&a.model, &a.random_preset) {
-        (Some(dir), _) => OptModel::from_folder(CpuBackend::new(), dir, dtype)
+    // `--tp N`: one slice of the model per process (tp_infer.rs).
+    let group = TpGroup::join(a.tp, a.model.as_deref(), a.random_preset.as_deref())?;
+    let out = generate(&a, dtype, params, group.as_ref());
+    match group {
+        Some(g) => g.finish(out),
+        None => out,
+    }
+}
+
+fn generate(a: &GenerateArgs, dtype: DType, params: SamplingParams, group: Option<&TpGroup>) -> Result<()> {
+    let prompts = if group.is_none() { collect_prompts(a)? } else { Vec::new() };
+    let model = match (group, &a.model, &a.random_preset) {
+        (Some(g), dir, preset) => g.load(dir.as_deref(), preset.as_deref(), dtype)?,
+        (None, Some(dir), _) => OptModel::from_folder(CpuBackend::new(), dir, dtype)
             .with_context(|| format!("loading model from {}", dir.display()))?,
-        (None, Some(preset)) => {
+        (None, None, Some(preset)) => {
             let cfg = OptConfig::preset(preset)?;
             let std = cfg.init_std;
             OptModel::new_random(CpuBackend::new(), cfg, dtype, std, 0)?
         }
-        (None, None) => bail!("--model is required"),
+        (None, None, None) => bail!("--model is required"),
     };
     let tok = pick_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), &model.cfg)?;
     let gen = Generator::new(&model, tok.as_ref());
-    let req = GenerateRequest::new(prompts, params);
+    let (prompts, req) = match group {
+        None => (prompts.clone(), GenerateRequest::new(prompts, params)),
+        Some(g) => {
+            // Rank 0 reads the prompts and shares them tokenized, with the seed, so every rank
+            // makes the same choices; the others generate in lockstep and print nothing.
+            let mut shown = Vec::new();
+            let req = g.share(|| {
+                shown = collect_prompts(a)?;
+                Ok(crate::tp_infer::resolve(GenerateRequest::new(shown.clone(), params), tok.as_ref())?)
+            })?;
+            if !g.is_leader() {
+                gen.generate(&req).map_err(cli_error)?;
+                return Ok(());
+            }
+            (shown, req)
+        }
+    };
 
     let n_streams = req.params.n;
-    let mut printer = (!a.json).then(|| TextPrinter::new(&req.prompts, n_streams, tok.as_ref()));
+    let mut printer = (!a.json).then(|| TextPrinter::new(&prompts, n_streams, tok.as_ref()));
     let start = Instant::now();
     let mut first_event: Option<f64> = None;
     let out = gen
@@ -255,7 +288,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     for w in &out.warnings {
         eprintln!("warning: {w}");
     }
-    if req.params.seed.is_none() {
+    if a.seed.is_none() {
         if let Some(s) = out.seed {
             eprintln!("seed: {s}");
         }

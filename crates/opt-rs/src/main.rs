@@ -9,6 +9,7 @@ mod eval;
 mod generate;
 mod score;
 mod serve;
+mod tp_infer;
 mod train;
 
 use std::io::{BufRead, Write};

@@ -10,6 +10,8 @@ use opt_model::{OptConfig, OptModel};
 use opt_serve::{EngineOptions, Server, ServerOptions};
 use opt_tensor::{CpuBackend, DType};
 
+use crate::tp_infer::TpGroup;
+
 /// Environment variable read for the API key when `--api-key` is not given (keeps the key out
 /// of the process list).
 const API_KEY_ENV: &str = "OPT_RS_API_KEY";
@@ -51,14 +53,31 @@ pub struct ServeArgs {
     /// above 64 it may differ in the last bits.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Tensor parallelism: split the model over the N processes of an `mpirun -np N` (or
+    /// torchrun-style) launch, each loading only its slice; rank 0 serves HTTP.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
 }
 
 pub fn run(a: ServeArgs) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
+    // `--tp N`: one slice of the model per process (tp_infer.rs).
+    let group = TpGroup::join(a.tp, a.model.as_deref(), a.random_preset.as_deref())?;
+    let out = serve(a, dtype, group.as_ref());
+    match group {
+        Some(g) => g.finish(out),
+        None => out,
+    }
+}
+
+fn serve(a: ServeArgs, dtype: DType, group: Option<&TpGroup>) -> Result<()> {
     let (model, tok, default_name) = match (&a.model, &a.random_preset) {
         (Some(dir), _) => {
-            let model = OptModel::from_folder(CpuBackend::new(), dir, dtype)
-                .with_context(|| format!("loading model from {}", dir.display()))?;
+            let model = match group {
+                Some(g) => g.load(Some(dir), None, dtype)?,
+                None => OptModel::from_folder(CpuBackend::new(), dir, dtype)
+                    .with_context(|| format!("loading model from {}", dir.display()))?,
+            };
             let tok = crate::score::tokenizer_for(dir, a.tokenizer.as_deref())?;
             let name = std::fs::canonicalize(dir)
                 .ok()
@@ -67,13 +86,22 @@ pub fn run(a: ServeArgs) -> Result<()> {
             (model, tok, name)
         }
         (None, Some(preset)) => {
-            let cfg = OptConfig::preset(preset)?;
-            let std = cfg.init_std;
-            let model = OptModel::new_random(CpuBackend::new(), cfg, dtype, std, 0)?;
+            let model = match group {
+                Some(g) => g.load(None, Some(preset), dtype)?,
+                None => {
+                    let cfg = OptConfig::preset(preset)?;
+                    let std = cfg.init_std;
+                    OptModel::new_random(CpuBackend::new(), cfg, dtype, std, 0)?
+                }
+            };
             (model, crate::load_tokenizer(a.tokenizer.as_deref())?, format!("opt-{preset}-random"))
         }
         (None, None) => bail!("--model is required"),
     };
+    if let Some(g) = group.filter(|g| !g.is_leader()) {
+        // The other ranks repeat rank 0's model calls until its engine stops.
+        return g.follow(model, &tok);
+    }
     let api_key = a.api_key.clone().or_else(|| std::env::var(API_KEY_ENV).ok()).filter(|k| !k.is_empty());
     let options = ServerOptions {
         served_model_name: a.served_model_name.clone().unwrap_or(default_name),
@@ -94,7 +122,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
     }
     let name = options.served_model_name.clone();
     let keyed = options.api_key.is_some();
-    let server = Server::new(model, tok, options)?;
+    let (server, followers_done) = match group {
+        Some(g) => {
+            eprintln!("opt-rs serve: tensor parallel over {} ranks (rank 0 serves HTTP)", g.comm.size());
+            let (followers, done) = g.followers();
+            (Server::new_tp_leader(model, tok, options, followers)?, Some(done))
+        }
+        None => (Server::new(model, tok, options)?, None),
+    };
     let context = server.model_info().context;
 
     // An IPv6 literal needs brackets before the port.
@@ -103,7 +138,7 @@ pub fn run(a: ServeArgs) -> Result<()> {
     } else {
         format!("{}:{}", a.host, a.port)
     };
-    server.run_until_ctrl_c(&addr, |local| {
+    let served = server.run_until_ctrl_c(&addr, |local| {
         // One parseable line on stdout (tests and scripts read the port from it with --port 0).
         println!("listening on http://{local}");
         std::io::stdout().flush().ok();
@@ -111,6 +146,11 @@ pub fn run(a: ServeArgs) -> Result<()> {
             "opt-rs serve: model '{name}' (context {context}){}; playground at http://{local}/, API at http://{local}/v1/completions",
             if keyed { ", API key required" } else { "" }
         );
-    })?;
+    });
+    // The engine tells the followers to stop as it ends (with the server): wait for that.
+    if let Some(done) = followers_done {
+        let _ = done.recv();
+    }
+    served?;
     Ok(())
 }
