@@ -261,7 +261,7 @@ fn generate(a: &GenerateArgs, dtype: DType, params: SamplingParams, group: Optio
             let mut shown = Vec::new();
             let req = g.share(|| {
                 shown = collect_prompts(a)?;
-                Ok(crate::tp_infer::resolve(GenerateRequest::new(shown.clone(), params), tok.as_ref())?)
+                crate::tp_infer::resolve(GenerateRequest::new(shown.clone(), params), tok.as_ref())
             })?;
             if !g.is_leader() {
                 gen.generate(&req).map_err(cli_error)?;
