@@ -4,7 +4,8 @@
 # and a dead rank ending the job instead of hanging. Then the real `opt-rs train` under
 # `mpirun -np N` (and a torchrun-style TCP launch) with [parallel] tp / fsdp / dp: per-step
 # losses equal the one-process run's within 1e-4 with clipping on, a sharded run resumes
-# exactly, `opt-rs checkpoint reshard` to one process resumes, and bad layouts are clear errors.
+# exactly, `opt-rs checkpoint reshard` to one process resumes, and bad layouts are clear errors;
+# `opt-rs generate --tp 2` under mpirun prints the one-process greedy output.
 # The same checks also run in-process (ranks as threads over TCP) in `cargo test -p opt-dist`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -117,6 +118,17 @@ mkdir -p "$W/onefrom4/checkpoints"
 train onefrom4 1 --set train.max_steps=4 --resume
 compare "tp=2 × fsdp=2 checkpoint resharded to one process, resumed" tp2fsdp2 onefrom4 2
 
+# Tensor-parallel inference: `mpirun -np 2 opt-rs generate --tp 2` prints the one-process output.
+GEN=(generate --model fixtures/pre_ln --ids 2,5,9 --ids 2,7 --max-new-tokens 16 --greedy --json)
+"$OPT" "${GEN[@]}" >"$W/gen1.out"
+"${MPI[@]}" -np 2 "$OPT" "${GEN[@]}" --tp 2 >"$W/gen2.out" 2>"$W/gen2.err" ||
+    { cat "$W/gen2.err" >&2; echo "dist_tests: mpirun opt-rs generate --tp 2 failed" >&2; exit 1; }
+if ! diff "$W/gen1.out" "$W/gen2.out" >&2; then
+    echo "dist_tests: tp=2 greedy generation differs from one process" >&2
+    exit 1
+fi
+echo "mpirun -np 2 opt-rs generate --tp 2: $(wc -l <"$W/gen2.out") prompts, same greedy ids as one process"
+
 # Bad layouts: clear errors naming the key.
 expect_error() { # expect_error TEXT command...
     local text=$1
@@ -134,6 +146,7 @@ expect_error() { # expect_error TEXT command...
 }
 expect_error "parallel.tp" "$OPT" train "${SETS[@]}" --set "run.dir=$W/bad1" --set parallel.tp=2
 expect_error "parallel.tp" "${MPI[@]}" -np 2 "$OPT" train "${SETS[@]}" --set "run.dir=$W/bad2" --set parallel.tp=4
+expect_error "--tp 3: 4 attention heads" "${MPI[@]}" -np 3 "$OPT" generate --model fixtures/pre_ln --ids 2,5 --tp 3
 expect_error "attention heads" "${MPI[@]}" -np 3 "$OPT" train "${SETS[@]}" --set "run.dir=$W/bad3" \
     --set parallel.tp=3 --set train.batch_size=3
 echo "dist_tests: all distributed checks passed"

@@ -1,14 +1,16 @@
 //! Applying Megatron tensor parallelism to an `OptModel`: slice its weights for one rank and
 //! attach the collectives the model calls at its hook points (`opt_model::parallel`).
 
+use std::path::Path;
 use std::sync::Arc;
 
-use opt_model::{HostReduce, OptModel, ParallelHooks, ParamLayout};
+use opt_checkpoint::Checkpoint;
+use opt_model::{HostReduce, OptConfig, OptModel, ParallelHooks, ParamLayout};
 use opt_tensor::{Backend, Buffer, DType, ViewMut};
 
 use crate::comm::{Communicator, ReduceOp};
-use crate::plan::shard_params;
-use crate::Result;
+use crate::plan::{copy_slice, shard_params, split_of};
+use crate::{DistError, Result};
 
 /// [`ParallelHooks`] over a tensor-parallel group. Buffers are staged through the host, which
 /// costs nothing on the CPU backend; a GPU run would hand NCCL device pointers instead.
@@ -88,4 +90,67 @@ pub fn from_shard<B: Backend + 'static>(
     let hooks: Option<Arc<dyn ParallelHooks<B>>> =
         if tp.size() > 1 { Some(Arc::new(TpHooks { comm: tp })) } else { None };
     Ok(OptModel { cfg, layout, params, backend, hooks, quant: None })
+}
+
+/// Load this rank's tensor-parallel shard of the model folder `dir` without ever holding the
+/// whole model: an HF folder (any layout `opt-checkpoint` reads) is read one tensor at a time and
+/// sliced (peak host memory: the shard plus the largest tensor, the embedding); a folder of
+/// `model-tpXX-of-YY.safetensors` shards written at this `tp` is read as is. With a group of
+/// one this is `OptModel::from_folder`.
+pub fn load_shard_model<B: Backend + 'static>(
+    backend: B,
+    dir: &Path,
+    dtype: DType,
+    tp: Arc<dyn Communicator>,
+) -> Result<OptModel<B>> {
+    let (n, rank) = (tp.size(), tp.rank());
+    if n == 1 && !dir.join("parallel.json").exists() {
+        return Ok(OptModel::from_folder(backend, dir, dtype)?);
+    }
+    let sharded = dir.join("parallel.json").exists();
+    let cfg = if sharded { crate::checkpoint::read_meta(dir)?.0 } else { OptConfig::from_path(dir)? };
+    // Before reading any weights: heads and ffn_dim must split over the group.
+    crate::ParallelPlan { tp: n, fsdp: 1, dp: 1 }.validate(n, &cfg)?;
+    let local = if sharded {
+        let meta = crate::checkpoint::read_meta(dir)?.1;
+        if meta.tp != n {
+            return Err(DistError::Config {
+                key: "tp",
+                detail: format!(
+                    "{} holds tensor-parallel shards for tp = {}, not {n} (rewrite them with `opt-rs checkpoint \
+                     reshard {} OUT --tp {n}`)",
+                    dir.display(),
+                    meta.tp,
+                    dir.display()
+                ),
+            });
+        }
+        crate::checkpoint::load_shard(dir, &cfg, n, rank)?
+    } else {
+        slice_checkpoint(&cfg, &Checkpoint::open(dir)?, n, rank)?
+    };
+    backend.set_mixed_precision((dtype != DType::F32).then_some(dtype));
+    from_shard(backend, cfg, &local, dtype, tp)
+}
+
+/// Slice `tp_rank`'s parameters out of a whole-model checkpoint, tensor by tensor.
+fn slice_checkpoint(cfg: &OptConfig, ck: &Checkpoint, tp: usize, tp_rank: usize) -> Result<Vec<f32>> {
+    let whole = ParamLayout::new(cfg);
+    let local = ParamLayout::sharded(cfg, tp);
+    let mut out = vec![0f32; local.total()];
+    let mut full = Vec::new();
+    for (w, l) in whole.specs.iter().zip(&local.specs) {
+        let t = opt_model::io::find_tensor(ck, &w.name, cfg.tie_word_embeddings)?;
+        if t.shape != w.shape.as_slice() {
+            return Err(DistError::File {
+                path: t.file.to_path_buf(),
+                detail: format!("tensor '{}': shape {:?}, but the config needs {:?}", t.name, t.shape, w.shape),
+            });
+        }
+        full.resize(w.numel(), 0f32);
+        t.read_f32_into(&mut full)?;
+        let dst = &mut out[l.offset..l.offset + l.numel()];
+        copy_slice(split_of(&w.name), &w.shape, &l.shape, tp_rank, &full, dst, true);
+    }
+    Ok(out)
 }

@@ -142,7 +142,9 @@ impl<B: Backend> Batch<B> {
         let cfg: &OptConfig = &model.cfg;
         let be = &model.backend;
         let cap = self.cache.capacity;
-        let c = cfg.hidden_size;
+        // Keys/values per position: this rank's heads only under tensor parallelism (the model
+        // lays row b of the cache out at b · cap · attn_dim).
+        let c = model.layout.attn_dim;
         let stride = cap * c;
         let n = self.cache.len * c;
         let w = self.cache.len;

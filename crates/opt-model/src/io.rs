@@ -124,8 +124,9 @@ pub(crate) fn read_params(ckpt: &Checkpoint, cfg: &OptConfig, layout: &ParamLayo
     Ok(host)
 }
 
-/// Find parameter `name` (HF name without `model.`) under any accepted prefix.
-pub(crate) fn find_tensor<'a>(ckpt: &'a Checkpoint, name: &str, tied: bool) -> Result<opt_checkpoint::TensorRef<'a>> {
+/// Find parameter `name` (HF name without `model.`) under any accepted prefix (also used by
+/// `opt-dist` to read one tensor-parallel slice at a time).
+pub fn find_tensor<'a>(ckpt: &'a Checkpoint, name: &str, tied: bool) -> Result<opt_checkpoint::TensorRef<'a>> {
     if name == "lm_head.weight" {
         return Ok(ckpt.tensor(name)?);
     }

@@ -22,6 +22,8 @@ use opt_tensor::{Backend, DType};
 use opt_tokenizer::OptTokenizer;
 use serde_json::{json, Map, Value};
 
+use crate::tp_infer::TpGroup;
+
 #[derive(clap::Args)]
 pub struct GenerateArgs {
     /// HF model folder (config.json + weights; int8 folders of `opt-rs quantize` too), or a
@@ -118,6 +120,10 @@ pub struct GenerateArgs {
     /// Print timing (seconds, new tokens/s) as a JSON line on stderr.
     #[arg(long, hide = true)]
     timing: bool,
+    /// Tensor parallelism: split the model over the N processes of an `mpirun -np N` (or
+    /// torchrun-style) launch, each loading only its slice; rank 0 prints.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
 }
 
 impl GenerateArgs {
@@ -236,22 +242,64 @@ fn run_with<B: Backend + 'static>(a: GenerateArgs, backend: B) -> Result<()> {
     let params = a.params()?;
     // Check the options before spending time on loading the model.
     params.validate().map_err(cli_error)?;
-    let prompts = collect_prompts(&a)?;
-    let model = match (&a.model, &a.random_preset) {
-        (Some(dir), _) => crate::load::load_model(backend, dir, dtype, &a.metaseq)?,
-        (None, Some(preset)) => {
-            let cfg = OptConfig::preset(preset)?;
-            let std = cfg.init_std;
-            OptModel::new_random(backend, cfg, dtype, std, 0)?
+    if a.tp > 1 && backend.name() != "cpu" {
+        bail!("--tp {} runs tensor-parallel shards on the CPU backend so far; drop --device {}", a.tp, backend.name());
+    }
+    // `--tp N`: one slice of the model per process (tp_infer.rs).
+    match TpGroup::join(a.tp, a.model.as_deref(), a.random_preset.as_deref())? {
+        Some(g) => {
+            let out = g
+                .load(a.model.as_deref(), a.random_preset.as_deref(), dtype)
+                .and_then(|model| generate(&a, &model, params, Some(&g), Vec::new()));
+            g.finish(out)
         }
-        (None, None) => bail!("--model is required"),
-    };
+        None => {
+            let prompts = collect_prompts(&a)?;
+            let model = match (&a.model, &a.random_preset) {
+                (Some(dir), _) => crate::load::load_model(backend, dir, dtype, &a.metaseq)?,
+                (None, Some(preset)) => {
+                    let cfg = OptConfig::preset(preset)?;
+                    let std = cfg.init_std;
+                    OptModel::new_random(backend, cfg, dtype, std, 0)?
+                }
+                (None, None) => bail!("--model is required"),
+            };
+            generate(&a, &model, params, None, prompts)
+        }
+    }
+}
+
+/// Generate with a loaded model (the whole model, or this rank's tensor-parallel slice with
+/// `group`; then rank 0 reads the prompts and shares them, and `prompts` is empty).
+fn generate<B: Backend>(
+    a: &GenerateArgs,
+    model: &OptModel<B>,
+    params: SamplingParams,
+    group: Option<&TpGroup>,
+    prompts: Vec<Prompt>,
+) -> Result<()> {
     let tok = pick_tokenizer(a.model.as_deref(), a.tokenizer.as_deref(), &model.cfg)?;
-    let gen = Generator::new(&model, tok.as_ref());
-    let req = GenerateRequest::new(prompts, params);
+    let gen = Generator::new(model, tok.as_ref());
+    let (prompts, req) = match group {
+        None => (prompts.clone(), GenerateRequest::new(prompts, params)),
+        Some(g) => {
+            // Rank 0 reads the prompts and shares them tokenized, with the seed, so every rank
+            // makes the same choices; the others generate in lockstep and print nothing.
+            let mut shown = Vec::new();
+            let req = g.share(|| {
+                shown = collect_prompts(a)?;
+                crate::tp_infer::resolve(GenerateRequest::new(shown.clone(), params), tok.as_ref())
+            })?;
+            if !g.is_leader() {
+                gen.generate(&req).map_err(cli_error)?;
+                return Ok(());
+            }
+            (shown, req)
+        }
+    };
 
     let n_streams = req.params.n;
-    let mut printer = (!a.json).then(|| TextPrinter::new(&req.prompts, n_streams, tok.as_ref()));
+    let mut printer = (!a.json).then(|| TextPrinter::new(&prompts, n_streams, tok.as_ref()));
     let start = Instant::now();
     let mut first_event: Option<f64> = None;
     let out = gen
@@ -267,7 +315,7 @@ fn run_with<B: Backend + 'static>(a: GenerateArgs, backend: B) -> Result<()> {
     for w in &out.warnings {
         eprintln!("warning: {w}");
     }
-    if req.params.seed.is_none() {
+    if a.seed.is_none() {
         if let Some(s) = out.seed {
             eprintln!("seed: {s}");
         }

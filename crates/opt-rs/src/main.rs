@@ -11,6 +11,7 @@ mod load;
 mod quantize;
 mod score;
 mod serve;
+mod tp_infer;
 mod train;
 
 use std::io::{BufRead, Write};

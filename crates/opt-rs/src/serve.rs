@@ -10,6 +10,8 @@ use opt_model::{OptConfig, OptModel};
 use opt_serve::{EngineOptions, Server, ServerOptions};
 use opt_tensor::{Backend, DType};
 
+use crate::tp_infer::TpGroup;
+
 /// Environment variable read for the API key when `--api-key` is not given (keeps the key out
 /// of the process list).
 const API_KEY_ENV: &str = "OPT_RS_API_KEY";
@@ -54,6 +56,10 @@ pub struct ServeArgs {
     /// above 64 it may differ in the last bits.
     #[arg(long, default_value_t = 64)]
     max_running: usize,
+    /// Tensor parallelism: split the model over the N processes of an `mpirun -np N` (or
+    /// torchrun-style) launch, each loading only its slice; rank 0 serves HTTP.
+    #[arg(long, default_value_t = 1)]
+    tp: usize,
 }
 
 /// `opt-rs serve` on the backend `--device` names.
@@ -68,24 +74,61 @@ impl crate::device::Job for ServeJob {
 
 fn run_with<B: Backend + 'static>(a: ServeArgs, backend: B) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
-    let (model, tok, default_name) = match (&a.model, &a.random_preset) {
+    if a.tp > 1 && backend.name() != "cpu" {
+        bail!("--tp {} runs tensor-parallel shards on the CPU backend so far; drop --device {}", a.tp, backend.name());
+    }
+    // `--tp N`: one slice of the model per process (tp_infer.rs).
+    match TpGroup::join(a.tp, a.model.as_deref(), a.random_preset.as_deref())? {
+        Some(g) => {
+            let out = g.load(a.model.as_deref(), a.random_preset.as_deref(), dtype).and_then(|model| {
+                let (tok, name) = tokenizer_and_name(&a)?;
+                serve(a, model, tok, name, Some(&g))
+            });
+            g.finish(out)
+        }
+        None => {
+            let model = match (&a.model, &a.random_preset) {
+                (Some(dir), _) => crate::load::load_model(backend, dir, dtype, &a.metaseq)?,
+                (None, Some(preset)) => {
+                    let cfg = OptConfig::preset(preset)?;
+                    let std = cfg.init_std;
+                    OptModel::new_random(backend, cfg, dtype, std, 0)?
+                }
+                (None, None) => bail!("--model is required"),
+            };
+            let (tok, name) = tokenizer_and_name(&a)?;
+            serve(a, model, tok, name, None)
+        }
+    }
+}
+
+/// The tokenizer and the default served-model name for `--model` / `--random-preset`.
+fn tokenizer_and_name(a: &ServeArgs) -> Result<(opt_tokenizer::OptTokenizer, String)> {
+    match (&a.model, &a.random_preset) {
         (Some(dir), _) => {
-            let model = crate::load::load_model(backend, dir, dtype, &a.metaseq)?;
             let tok = crate::score::tokenizer_for(dir, a.tokenizer.as_deref())?;
             let name = std::fs::canonicalize(dir)
                 .ok()
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "opt".to_string());
-            (model, tok, name)
+            Ok((tok, name))
         }
-        (None, Some(preset)) => {
-            let cfg = OptConfig::preset(preset)?;
-            let std = cfg.init_std;
-            let model = OptModel::new_random(backend, cfg, dtype, std, 0)?;
-            (model, crate::load_tokenizer(a.tokenizer.as_deref())?, format!("opt-{preset}-random"))
-        }
+        (None, Some(preset)) => Ok((crate::load_tokenizer(a.tokenizer.as_deref())?, format!("opt-{preset}-random"))),
         (None, None) => bail!("--model is required"),
-    };
+    }
+}
+
+fn serve<B: Backend + 'static>(
+    a: ServeArgs,
+    model: OptModel<B>,
+    tok: opt_tokenizer::OptTokenizer,
+    default_name: String,
+    group: Option<&TpGroup>,
+) -> Result<()> {
+    if let Some(g) = group.filter(|g| !g.is_leader()) {
+        // The other ranks repeat rank 0's model calls until its engine stops.
+        return g.follow(model, &tok);
+    }
     let api_key = a.api_key.clone().or_else(|| std::env::var(API_KEY_ENV).ok()).filter(|k| !k.is_empty());
     let options = ServerOptions {
         served_model_name: a.served_model_name.clone().unwrap_or(default_name),
@@ -106,7 +149,14 @@ fn run_with<B: Backend + 'static>(a: ServeArgs, backend: B) -> Result<()> {
     }
     let name = options.served_model_name.clone();
     let keyed = options.api_key.is_some();
-    let server = Server::new(model, tok, options)?;
+    let (server, followers_done) = match group {
+        Some(g) => {
+            eprintln!("opt-rs serve: tensor parallel over {} ranks (rank 0 serves HTTP)", g.comm.size());
+            let (followers, done) = g.followers();
+            (Server::new_tp_leader(model, tok, options, followers)?, Some(done))
+        }
+        None => (Server::new(model, tok, options)?, None),
+    };
     let context = server.model_info().context;
 
     // An IPv6 literal needs brackets before the port.
@@ -115,7 +165,7 @@ fn run_with<B: Backend + 'static>(a: ServeArgs, backend: B) -> Result<()> {
     } else {
         format!("{}:{}", a.host, a.port)
     };
-    server.run_until_ctrl_c(&addr, |local| {
+    let served = server.run_until_ctrl_c(&addr, |local| {
         // One parseable line on stdout (tests and scripts read the port from it with --port 0).
         println!("listening on http://{local}");
         std::io::stdout().flush().ok();
@@ -123,6 +173,11 @@ fn run_with<B: Backend + 'static>(a: ServeArgs, backend: B) -> Result<()> {
             "opt-rs serve: model '{name}' (context {context}){}; playground at http://{local}/, API at http://{local}/v1/completions",
             if keyed { ", API key required" } else { "" }
         );
-    })?;
+    });
+    // The engine tells the followers to stop as it ends (with the server): wait for that.
+    if let Some(done) = followers_done {
+        let _ = done.recv();
+    }
+    served?;
     Ok(())
 }

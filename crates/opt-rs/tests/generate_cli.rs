@@ -206,3 +206,83 @@ fn text_streams_to_the_terminal_with_the_bundled_tokenizer() {
     let gen = o["text"].as_str().expect("text");
     assert_eq!(text.trim_end_matches('\n'), format!("Hello there{gen}"));
 }
+
+/// `opt-rs generate --tp 2` as two processes joined torchrun-style (RANK, WORLD_SIZE,
+/// MASTER_ADDR, MASTER_PORT; the TCP rendezvous): rank 0 prints what one process prints, the
+/// other rank prints nothing. (scripts/dist_tests.sh runs the same under mpirun.)
+#[test]
+fn tp2_launch_prints_what_one_process_prints() {
+    let model = fixture("pre_ln");
+    let m = model.to_str().expect("utf-8 path");
+    for extra in [
+        &["--greedy"][..],
+        &["--temperature", "0.8", "--top-k", "40", "--n", "2", "--seed", "5"][..],
+        &["--num-beams", "3"][..],
+    ] {
+        let mut args =
+            vec!["generate", "--model", m, "--ids", "2,5,9", "--ids", "2,7", "--max-new-tokens", "12", "--json"];
+        args.extend_from_slice(extra);
+        let one = opt_rs(&args);
+        assert!(one.status.success(), "stderr: {}", String::from_utf8_lossy(&one.stderr));
+        // A free port for the rendezvous (released just before rank 0 binds it).
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        args.extend_from_slice(&["--tp", "2"]);
+        let ranks: Vec<_> = (0..2)
+            .map(|r| {
+                Command::new(env!("CARGO_BIN_EXE_opt-rs"))
+                    .args(&args)
+                    .env("RANK", r.to_string())
+                    .env("WORLD_SIZE", "2")
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("spawn rank")
+            })
+            .collect();
+        let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().expect("rank output")).collect();
+        for (r, o) in outs.iter().enumerate() {
+            assert!(o.status.success(), "{extra:?} rank {r}: {}", String::from_utf8_lossy(&o.stderr));
+        }
+        // Ids and finish reasons equal; beam scores up to the reductions' summation order.
+        let (mut got, mut want) = (json_lines(&outs[0]), json_lines(&one));
+        for (g, w) in got.iter_mut().zip(want.iter_mut()) {
+            let (gs, ws) =
+                (g.as_object_mut().and_then(|o| o.remove("score")), w.as_object_mut().and_then(|o| o.remove("score")));
+            let d = gs.zip(ws).map_or(0.0, |(a, b)| (a.as_f64().unwrap_or(f64::NAN) - b.as_f64().unwrap_or(0.0)).abs());
+            assert!(d < 1e-4, "{extra:?}: beam score differs by {d}");
+        }
+        assert_eq!(got, want, "{extra:?}: rank 0 differs from one process");
+        assert!(outs[1].stdout.is_empty(), "rank 1 printed {}", String::from_utf8_lossy(&outs[1].stdout));
+    }
+}
+
+#[test]
+fn bad_tp_is_a_clear_error() {
+    let model = fixture("pre_ln");
+    let m = model.to_str().expect("utf-8 path");
+    let err = |o: &Output| String::from_utf8_lossy(&o.stderr).into_owned();
+    // No multi-process launch.
+    let o = opt_rs(&["generate", "--model", m, "--ids", "2,5", "--tp", "2"]);
+    assert!(!o.status.success());
+    assert!(err(&o).contains("--tp 2: needs 2 processes"), "{}", err(&o));
+    // 4 attention heads over 3 ranks: refused before connecting (so one rank suffices here).
+    let run = |tp: &str, world: &str| {
+        Command::new(env!("CARGO_BIN_EXE_opt-rs"))
+            .args(["generate", "--model", m, "--ids", "2,5", "--tp", tp])
+            .env("RANK", "0")
+            .env("WORLD_SIZE", world)
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", "1")
+            .output()
+            .expect("opt-rs")
+    };
+    let o = run("3", "3");
+    assert!(!o.status.success());
+    assert!(err(&o).contains("--tp 3: 4 attention heads do not split over tp = 3"), "{}", err(&o));
+    let o = run("2", "4");
+    assert!(err(&o).contains("--tp 2: 4 processes were launched"), "{}", err(&o));
+    let o = run("1", "2");
+    assert!(err(&o).contains("pass --tp 2"), "{}", err(&o));
+}

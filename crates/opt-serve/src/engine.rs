@@ -25,9 +25,11 @@
 //! not fit a per-sequence step (beams are reordered every step), so such a request runs whole
 //! through `Generator` on this thread, pausing the batch while it runs. They are rare in
 //! serving; the pause is the price of not duplicating the HF-exact beam search here.
+//!
+//! Every model call goes through a `Runner` (`runner.rs`), which also owns the sequences' KV
+//! caches: with tensor parallelism it first hands each call to the follower ranks.
 
 use std::collections::{HashMap, VecDeque};
-use std::ops::ControlFlow;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -37,17 +39,18 @@ use opt_generate::params::Mode;
 use opt_generate::processors::{Processors, SeqContext};
 use opt_generate::sample::{argmax, sample, sequence_seed, uniform_f64};
 use opt_generate::{
-    Completion, FinishReason, GenerateError, GenerateRequest, Generator, Prompt, SamplingParams, TextStream,
-    TokenLogprob,
+    Completion, FinishReason, GenerateError, GenerateRequest, Prompt, SamplingParams, TextStream, TokenLogprob,
 };
 use opt_model::score::top_k_of;
-use opt_model::{score_sequence, KvCache, LogitsMode, OptConfig, OptModel};
+use opt_model::{OptConfig, OptModel};
 use opt_tensor::{Backend, Buffer, DType};
 use opt_tokenizer::OptTokenizer;
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::sync::Notify;
 
 use crate::error::ServeError;
 use crate::metrics::Metrics;
+use crate::runner::{Followers, Runner};
 
 /// Limits of the engine.
 #[derive(Clone, Debug)]
@@ -176,6 +179,15 @@ pub(crate) struct EngineHandle {
     pub metrics: Arc<Metrics>,
     pub info: ModelInfo,
     pub options: EngineOptions,
+    /// Signalled when the engine thread ends, with why it ended early (if it did).
+    pub stopped: Arc<Stopped>,
+}
+
+/// The end of the engine thread.
+#[derive(Default)]
+pub(crate) struct Stopped {
+    pub notify: Notify,
+    pub reason: std::sync::Mutex<Option<String>>,
 }
 
 impl EngineHandle {
@@ -203,11 +215,13 @@ impl EngineHandle {
     }
 }
 
-/// Start the engine thread for `model`. It runs until every handle is dropped.
+/// Start the engine thread for `model` (a tensor-parallel leader when `followers` is given). It
+/// runs until every handle is dropped.
 pub(crate) fn spawn<B: Backend + 'static>(
     model: OptModel<B>,
     tokenizer: Arc<OptTokenizer>,
     options: EngineOptions,
+    followers: Option<Box<dyn Followers>>,
 ) -> Result<EngineHandle, ServeError> {
     if options.max_running == 0 {
         return Err(ServeError::Option { option: "max_running", detail: "must be at least 1".into() });
@@ -219,9 +233,10 @@ pub(crate) fn spawn<B: Backend + 'static>(
     let metrics = Arc::new(Metrics::new(options.kv_cache_bytes));
     // The channel holds at most the queue's worth of jobs; the `queued` counter is the real bound.
     let (tx, rx) = mpsc::sync_channel(options.max_queue.max(1));
+    let stopped = Arc::new(Stopped::default());
     let engine = Engine {
         eos: model.cfg.eos_token_id,
-        model,
+        runner: Runner::new(model, followers),
         tok: tokenizer,
         opts: options.clone(),
         metrics: metrics.clone(),
@@ -232,12 +247,14 @@ pub(crate) fn spawn<B: Backend + 'static>(
         kv_used: 0,
         kv_per_position: info.kv_bytes_per_position,
         next_id: 0,
+        next_seq: 0,
+        stopped: stopped.clone(),
     };
     std::thread::Builder::new()
         .name("opt-serve-engine".into())
         .spawn(move || engine.run())
         .map_err(ServeError::Spawn)?;
-    Ok(EngineHandle { jobs: tx, metrics, info, options })
+    Ok(EngineHandle { jobs: tx, metrics, info, options, stopped })
 }
 
 /// A request in the running batch.
@@ -263,12 +280,13 @@ struct Candidate {
     completion: Completion,
 }
 
-/// One sequence in the batch: its own cache and decoding state.
-struct Seq<B: Backend> {
+/// One sequence in the batch: its decoding state (its KV cache is the runner's, under `id`).
+struct Seq {
     req: u64,
+    /// The runner's key for this sequence's cache.
+    id: u64,
     prompt: usize,
     candidate: usize,
-    cache: KvCache<B>,
     history: Vec<u32>,
     generated: Vec<u32>,
     counts: HashMap<u32, u32>,
@@ -290,7 +308,7 @@ struct Advance {
 }
 
 struct Engine<B: Backend> {
-    model: OptModel<B>,
+    runner: Runner<B>,
     tok: Arc<OptTokenizer>,
     eos: u32,
     opts: EngineOptions,
@@ -298,32 +316,53 @@ struct Engine<B: Backend> {
     rx: mpsc::Receiver<Job>,
     waiting: VecDeque<Job>,
     reqs: HashMap<u64, Req>,
-    running: Vec<Seq<B>>,
+    running: Vec<Seq>,
     kv_used: usize,
     /// KV-cache bytes per position of one sequence.
     kv_per_position: usize,
     next_id: u64,
+    /// The next sequence id (the runner's cache key).
+    next_seq: u64,
+    stopped: Arc<Stopped>,
 }
 
 /// Marks the engine dead when its thread ends, however it ends (a panic included), so that
-/// `/health` and new requests see it.
-struct AliveGuard(Arc<Metrics>);
+/// `/health` and new requests see it, and wakes whoever waits for the end.
+struct AliveGuard(Arc<Metrics>, Arc<Stopped>);
 
 impl Drop for AliveGuard {
     fn drop(&mut self) {
         self.0.engine_alive.store(false, Ordering::Release);
+        self.1.notify.notify_one();
     }
 }
 
 impl<B: Backend> Engine<B> {
     fn run(mut self) {
-        let _alive = AliveGuard(self.metrics.clone());
+        let _alive = AliveGuard(self.metrics.clone(), self.stopped.clone());
         loop {
+            if let Some(why) = self.runner.broken().map(str::to_string) {
+                self.fail_all(&why);
+                eprintln!("opt-serve: engine stopped: {why}");
+                if let Ok(mut r) = self.stopped.reason.lock() {
+                    *r = Some(why);
+                }
+                return;
+            }
             if self.running.is_empty() && self.waiting.is_empty() {
-                // Idle: sleep until a request arrives; every handle gone means shut down.
-                match self.rx.recv() {
+                // Idle: sleep until a request arrives; every handle gone means shut down. A
+                // tensor-parallel leader wakes now and then to tell its followers it lives.
+                let job = match self.runner.heartbeat() {
+                    None => self.rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+                    Some(every) => self.rx.recv_timeout(every),
+                };
+                match job {
                     Ok(job) => self.waiting.push_back(job),
-                    Err(_) => return,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        self.runner.idle();
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => return,
                 }
             }
             while let Ok(job) = self.rx.try_recv() {
@@ -336,8 +375,28 @@ impl<B: Backend> Engine<B> {
             if !self.running.is_empty() {
                 self.step();
             }
+            // Caches of sequences that left the batch this turn (finished, cancelled, failed).
+            let running = &self.running;
+            self.runner.retain(|id| running.iter().any(|s| s.id == id));
             self.publish();
         }
+    }
+
+    /// Answer every waiting and running request with `why` (the engine is stopping).
+    fn fail_all(&mut self, why: &str) {
+        for job in self.waiting.drain(..) {
+            self.metrics.queued.fetch_sub(1, Ordering::AcqRel);
+            send(&job.events, Event::Error(format!("the engine stopped: {why}")));
+        }
+        while let Ok(job) = self.rx.try_recv() {
+            self.metrics.queued.fetch_sub(1, Ordering::AcqRel);
+            send(&job.events, Event::Error(format!("the engine stopped: {why}")));
+        }
+        for (_, r) in self.reqs.drain() {
+            send(&r.events, Event::Error(format!("the engine stopped: {why}")));
+        }
+        self.running.clear();
+        self.kv_used = 0;
     }
 
     fn publish(&self) {
@@ -452,23 +511,27 @@ impl<B: Backend> Engine<B> {
                     }
                     continue;
                 }
-                let (cache, last, lps) =
-                    self.prefill(ids, max_new, want_lp.then_some(top)).map_err(|e| e.to_string())?;
+                let prefilled = self.next_seq;
+                self.next_seq += 1;
+                let capacity = ids.len() + max_new - 1;
+                let (last, lps) =
+                    self.prefill(prefilled, ids, capacity, want_lp.then_some(top)).map_err(|e| e.to_string())?;
                 send(&req.events, Event::Prompt { prompt: pi, logprobs: lps });
-                let mut cache = Some(cache);
                 for c in 0..candidates {
                     // The last candidate takes the prefilled cache; the others get copies.
-                    let cache = if c + 1 == candidates {
-                        cache.take().ok_or("prefill cache already taken")?
+                    let seq_id = if c + 1 == candidates {
+                        prefilled
                     } else {
-                        let src = cache.as_ref().ok_or("prefill cache already taken")?;
-                        clone_cache(&self.model, src).map_err(|e| e.to_string())?
+                        let to = self.next_seq;
+                        self.next_seq += 1;
+                        self.runner.fork(prefilled, to).map_err(|e| e.to_string())?;
+                        to
                     };
                     let mut seq = Seq {
                         req: id,
+                        id: seq_id,
                         prompt: pi,
                         candidate: c,
-                        cache,
                         history: ids.clone(),
                         generated: Vec::new(),
                         counts: HashMap::new(),
@@ -479,7 +542,7 @@ impl<B: Backend> Engine<B> {
                         max_new,
                         next: 0,
                     };
-                    req.kv_bytes += seq.cache.capacity * self.kv_per_position;
+                    req.kv_bytes += capacity * self.kv_per_position;
                     req.sequences_left += 1;
                     let adv = advance(&mut seq, &req, &self.tok, self.eos, &last)?;
                     first_tokens += 1;
@@ -505,8 +568,8 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Prompt log-probs without generation: exactly `score_sequence` (what `opt-rs score` prints).
-    fn score(&self, ids: &[u32], top: usize) -> Result<Vec<TokenLogprob>, String> {
-        let s = score_sequence(&self.model, ids, top).map_err(|e| e.to_string())?;
+    fn score(&mut self, ids: &[u32], top: usize) -> Result<Vec<TokenLogprob>, String> {
+        let s = self.runner.score(ids, top).map_err(|e| e.to_string())?;
         Ok(s.tokens
             .iter()
             .zip(s.token_logprobs.iter().zip(s.top_logprobs))
@@ -514,22 +577,21 @@ impl<B: Backend> Engine<B> {
             .collect())
     }
 
-    /// Run the prompt into a fresh batch-1 cache sized for `max_new` more tokens. Returns the
-    /// cache, the last position's logits and, with `prompt_top`, the prompt's log-probs
-    /// (log-softmax on the backend, as `score_sequence` computes them).
-    #[allow(clippy::type_complexity)]
+    /// Run the prompt into a fresh batch-1 cache `seq` of `capacity` positions. Returns the last
+    /// position's logits and, with `prompt_top`, the prompt's log-probs (log-softmax on the
+    /// backend, as `score_sequence` computes them).
     fn prefill(
-        &self,
+        &mut self,
+        seq: u64,
         ids: &[u32],
-        max_new: usize,
+        capacity: usize,
         prompt_top: Option<usize>,
-    ) -> opt_model::Result<(KvCache<B>, Vec<f32>, Option<Vec<TokenLogprob>>)> {
-        let be = &self.model.backend;
-        let v = self.model.cfg.vocab_size;
+    ) -> opt_model::Result<(Vec<f32>, Option<Vec<TokenLogprob>>)> {
+        let logits = self.runner.prefill(seq, ids, capacity, prompt_top.is_some())?;
+        let model = self.runner.model();
+        let be = &model.backend;
+        let v = model.cfg.vocab_size;
         let t = ids.len();
-        let mut cache = KvCache::new(be, &self.model.cfg, 1, t + max_new - 1)?;
-        let mode = if prompt_top.is_some() { LogitsMode::All } else { LogitsMode::Last };
-        let logits = self.model.forward(ids, 1, None, Some(&mut cache), mode)?;
         let rows = if prompt_top.is_some() { t } else { 1 };
         let last = be.to_f32(logits.at((rows - 1) * v, v))?;
         let lps = match prompt_top {
@@ -546,17 +608,15 @@ impl<B: Backend> Engine<B> {
                 Some(out)
             }
         };
-        Ok((cache, last, lps))
+        Ok((last, lps))
     }
 
     /// One decode step over the whole batch.
     fn step(&mut self) {
         let started = Instant::now();
         let tokens: Vec<u32> = self.running.iter().map(|s| s.next).collect();
-        let logits = {
-            let mut caches: Vec<&mut KvCache<B>> = self.running.iter_mut().map(|s| &mut s.cache).collect();
-            self.model.forward_step(&tokens, &mut caches).and_then(|l| Ok(self.model.backend.to_f32(l.v())?))
-        };
+        let seqs: Vec<u64> = self.running.iter().map(|s| s.id).collect();
+        let logits = self.runner.step(&seqs, &tokens).and_then(|l| Ok(self.runner.model().backend.to_f32(l.v())?));
         let logits = match logits {
             Ok(l) => l,
             Err(e) => {
@@ -571,7 +631,7 @@ impl<B: Backend> Engine<B> {
                 return;
             }
         };
-        let v = self.model.cfg.vocab_size;
+        let v = self.runner.model().cfg.vocab_size;
         let Engine { running, reqs, tok, eos, metrics, .. } = self;
         let mut finished = vec![false; running.len()];
         let mut failed: Vec<(u64, String)> = Vec::new();
@@ -643,16 +703,10 @@ impl<B: Backend> Engine<B> {
     fn run_whole(&mut self, job: Job) {
         let prompts = job.prompts.iter().map(|p| Prompt::Ids(p.clone())).collect();
         let request = GenerateRequest::new(prompts, job.params.clone());
-        let generator = Generator::new(&self.model, Some(&self.tok));
         let events = job.events.clone();
         let started = Instant::now();
-        let out = generator.generate_stream(&request, |_| {
-            if events.is_closed() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
+        let tok = self.tok.clone();
+        let out = self.runner.generate(&tok, &request, || events.is_closed());
         match out {
             Ok(out) => {
                 let n = job.params.n;
@@ -676,7 +730,7 @@ impl<B: Backend> Engine<B> {
 
 /// Send a token's event (or keep the finished candidate for ranking). Returns true when the
 /// sequence finished.
-fn deliver<B: Backend>(metrics: &Metrics, req: &mut Req, seq: &mut Seq<B>, adv: Advance) -> bool {
+fn deliver(metrics: &Metrics, req: &mut Req, seq: &mut Seq, adv: Advance) -> bool {
     if !req.first_token_seen {
         req.first_token_seen = true;
         metrics.first_token(req.received.elapsed());
@@ -729,19 +783,6 @@ fn empty_completion(index: usize, params: &SamplingParams) -> Completion {
     }
 }
 
-/// A copy of a batch-1 cache (its filled positions), for the extra candidates of a prompt.
-fn clone_cache<B: Backend>(model: &OptModel<B>, src: &KvCache<B>) -> opt_model::Result<KvCache<B>> {
-    let be = &model.backend;
-    let mut dst = KvCache::new(be, &model.cfg, 1, src.capacity)?;
-    let n = src.len * model.cfg.hidden_size;
-    for l in 0..model.cfg.num_hidden_layers {
-        be.copy(dst.k[l].at_mut(0, n), src.k[l].at(0, n))?;
-        be.copy(dst.v[l].at_mut(0, n), src.v[l].at(0, n))?;
-    }
-    dst.len = src.len;
-    Ok(dst)
-}
-
 /// `log Σ exp(row)` with the sum in f64 (as `Generator` computes it).
 fn logsumexp(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
@@ -754,13 +795,7 @@ fn logsumexp(row: &[f32]) -> f32 {
 
 /// Choose the next token of `seq` from its raw logits `raw` — `Generator`'s rule exactly —
 /// and update its text and history.
-fn advance<B: Backend>(
-    seq: &mut Seq<B>,
-    req: &Req,
-    tok: &OptTokenizer,
-    eos: u32,
-    raw: &[f32],
-) -> Result<Advance, String> {
+fn advance(seq: &mut Seq, req: &Req, tok: &OptTokenizer, eos: u32, raw: &[f32]) -> Result<Advance, String> {
     let token = if req.greedy && req.procs.is_identity() {
         argmax(raw)
     } else {

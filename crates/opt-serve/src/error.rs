@@ -30,6 +30,12 @@ pub enum ServeError {
     TokenizerMismatch { tokenizer: usize, model: usize },
     #[error("invalid engine option {option}: {detail}")]
     Option { option: &'static str, detail: String },
+    /// A tensor-parallel follower lost its leader or failed a model call.
+    #[error("tensor-parallel follower: {0}")]
+    Follower(String),
+    /// The engine thread ended while the server ran (with tensor parallelism: a failed rank).
+    #[error("the engine stopped: {0}")]
+    EngineStopped(String),
 }
 
 /// An error answered to a client, in OpenAI's shape.

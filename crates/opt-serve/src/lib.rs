@@ -4,7 +4,10 @@
 //!   batching under a KV-cache budget (see `engine.rs` for the scheduling rules);
 //! - [`Server::router`] is the axum router (`/v1/completions` and its metaseq aliases,
 //!   `/v1/models`, `/health`, `/metrics`, the playground at `/`);
-//! - [`Server::serve`] runs it on a listener until a shutdown future resolves.
+//! - [`Server::serve`] runs it on a listener until a shutdown future resolves;
+//! - [`Server::new_tp_leader`] and [`follow`]: tensor-parallel serving, rank 0 running the server
+//!   and broadcasting each model call, the other ranks repeating them on their slices
+//!   (`runner.rs`).
 //!
 //! The `opt-rs serve` command only parses arguments and calls these; tests start the same
 //! server in-process on port 0.
@@ -20,6 +23,7 @@ mod metrics;
 mod request;
 mod response;
 mod routes;
+mod runner;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -33,6 +37,7 @@ use opt_tokenizer::OptTokenizer;
 pub use engine::{EngineOptions, ModelInfo};
 pub use error::{ApiError, ServeError};
 pub use request::{parse_completion, CompletionRequest, Limits, PromptInput};
+pub use runner::{follow, Call, Followers};
 
 /// Everything about a server besides its model.
 #[derive(Clone, Debug)]
@@ -60,6 +65,8 @@ impl ServerOptions {
 /// A server: the engine thread (started) and the HTTP state.
 pub struct Server {
     state: routes::AppState,
+    /// Stop serving when the engine stops (tensor parallelism: a rank failed).
+    stop_with_engine: bool,
 }
 
 impl Server {
@@ -69,8 +76,31 @@ impl Server {
         tokenizer: OptTokenizer,
         options: ServerOptions,
     ) -> Result<Self, ServeError> {
+        Self::start(model, tokenizer, options, None)
+    }
+
+    /// Start the engine as the leader of a tensor-parallel group: `model` is rank 0's slice,
+    /// and every model call is first handed to `followers` (each running [`follow`] on its
+    /// slice). The followers are told to stop when the engine ends, and the server stops
+    /// serving ([`Server::run_until_ctrl_c`] returns an error) if the engine stops early.
+    pub fn new_tp_leader<B: Backend + 'static>(
+        model: OptModel<B>,
+        tokenizer: OptTokenizer,
+        options: ServerOptions,
+        followers: Box<dyn Followers>,
+    ) -> Result<Self, ServeError> {
+        Self::start(model, tokenizer, options, Some(followers))
+    }
+
+    fn start<B: Backend + 'static>(
+        model: OptModel<B>,
+        tokenizer: OptTokenizer,
+        options: ServerOptions,
+        followers: Option<Box<dyn Followers>>,
+    ) -> Result<Self, ServeError> {
+        let stop_with_engine = followers.is_some();
         let tok = Arc::new(tokenizer);
-        let engine = engine::spawn(model, tok.clone(), options.engine.clone())?;
+        let engine = engine::spawn(model, tok.clone(), options.engine.clone(), followers)?;
         let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let state = Arc::new(routes::AppInner {
             engine,
@@ -80,7 +110,7 @@ impl Server {
             created,
             max_body_bytes: options.max_body_bytes,
         });
-        Ok(Server { state })
+        Ok(Server { state, stop_with_engine })
     }
 
     /// What the handlers know about the model (context, vocabulary, KV bytes per position).
@@ -93,14 +123,37 @@ impl Server {
         routes::router(self.state.clone())
     }
 
-    /// Serve on `listener` until `shutdown` resolves (in-flight requests are then finished).
-    /// The engine thread stops when the server is dropped.
+    /// Serve on `listener` until `shutdown` resolves (in-flight requests are then finished), or,
+    /// for a tensor-parallel leader, until the engine stops (an error then). The engine thread
+    /// stops when the server is dropped.
     pub async fn serve(
         self,
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await.map_err(ServeError::Http)
+        let stopped = self.state.engine.stopped.clone();
+        let watch = self.stop_with_engine;
+        let engine_end = {
+            let stopped = stopped.clone();
+            async move {
+                if watch {
+                    stopped.notify.notified().await
+                } else {
+                    std::future::pending::<()>().await
+                }
+            }
+        };
+        let shutdown = async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = engine_end => {}
+            }
+        };
+        axum::serve(listener, self.router()).with_graceful_shutdown(shutdown).await.map_err(ServeError::Http)?;
+        match stopped.reason.lock().ok().and_then(|r| r.clone()) {
+            Some(why) if watch => Err(ServeError::EngineStopped(why)),
+            _ => Ok(()),
+        }
     }
 
     /// Bind `addr` (`host:port`; port 0 picks a free one), tell `on_listening` the bound address,

@@ -39,7 +39,11 @@ impl TestServer {
     pub fn start(context: usize, configure: impl FnOnce(&mut ServerOptions)) -> Self {
         let mut opts = ServerOptions::new(MODEL_NAME);
         configure(&mut opts);
-        let server = Server::new(tiny_model(context), tokenizer(), opts).expect("server");
+        Self::run(Server::new(tiny_model(context), tokenizer(), opts).expect("server"))
+    }
+
+    /// Serve an already built server (e.g. a tensor-parallel leader).
+    pub fn run(server: Server) -> Self {
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
