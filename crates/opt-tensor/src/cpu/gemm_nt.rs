@@ -171,15 +171,20 @@ mod x86 {
         while jb < j1 {
             let nr = (j1 - jb).min(TILE_N);
             let wp = w.as_ptr().add(jb * k);
+            // The next microtile's weight rows, fetched into L2 during the first token tile.
+            let next = (j1 - jb - nr).min(TILE_N);
             for (t, panel) in pa.chunks_exact(k * TILE_M).enumerate() {
                 let i0 = t * TILE_M;
                 let rows = (m - i0).min(TILE_M);
                 let mv = rows.div_ceil(16);
-                kernel_dispatch(mv, nr, panel.as_ptr(), wp, k, &mut tile);
-                for (r, col) in tile.iter().enumerate().take(nr) {
-                    for (i, &acc) in col.iter().enumerate().take(rows) {
-                        let o = out.add((i0 + i) * n + jb + r);
-                        *o = if beta == 0.0 { alpha * acc } else { alpha * acc + beta * *o };
+                let pf = Prefetch { base: wp.wrapping_add(nr * k), rows: if t == 0 { next } else { 0 } };
+                kernel_dispatch(mv, nr, panel.as_ptr(), wp, k, pf, &mut tile);
+                // Row by row, so each output row's `nr` adjacent columns are written together.
+                for i in 0..rows {
+                    let o = out.add((i0 + i) * n + jb);
+                    for (r, col) in tile.iter().enumerate().take(nr) {
+                        let o = o.add(r);
+                        *o = if beta == 0.0 { alpha * col[i] } else { alpha * col[i] + beta * *o };
                     }
                 }
             }
@@ -232,6 +237,13 @@ mod x86 {
         }
     }
 
+    /// Weight rows to prefetch while a microkernel runs: `rows` rows of `k` from `base`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Prefetch {
+        base: *const f32,
+        rows: usize,
+    }
+
     /// `kernel::<MV, NR>` for runtime `mv` (1..=4) and `nr` (1..=6).
     #[inline(always)]
     unsafe fn kernel_dispatch(
@@ -240,6 +252,7 @@ mod x86 {
         pa: *const f32,
         w: *const f32,
         k: usize,
+        pf: Prefetch,
         tile: &mut [[f32; TILE_M]; TILE_N],
     ) {
         macro_rules! go {
@@ -251,7 +264,7 @@ mod x86 {
             };
             (@nr $mv:literal; [$($nr:literal),*]) => {
                 match nr {
-                    $($nr => kernel::<$mv, $nr>(pa, w, k, tile),)*
+                    $($nr => kernel::<$mv, $nr>(pa, w, k, pf, tile),)*
                     _ => unreachable!(),
                 }
             };
@@ -259,12 +272,14 @@ mod x86 {
         go!(1, 2, 3, 4; [1, 2, 3, 4, 5, 6])
     }
 
-    /// `tile[r][16v + l] = Σ_p pa[p*64 + 16v + l] * w[r*k + p]` for `v < MV`, `r < NR`.
+    /// `tile[r][16v + l] = Σ_p pa[p*64 + 16v + l] * w[r*k + p]` for `v < MV`, `r < NR`, and
+    /// one cache line of each `pf` row per 16 steps of `p` prefetched into L2.
     #[inline(always)]
     unsafe fn kernel<const MV: usize, const NR: usize>(
         pa: *const f32,
         w: *const f32,
         k: usize,
+        pf: Prefetch,
         tile: &mut [[f32; TILE_M]; TILE_N],
     ) {
         let mut acc = [[_mm512_setzero_ps(); NR]; MV];
@@ -272,7 +287,7 @@ mod x86 {
         for (r, p) in wr.iter_mut().enumerate() {
             *p = w.add(r * k);
         }
-        for p in 0..k {
+        let mut step = |p: usize| {
             let ap = pa.add(p * TILE_M);
             let mut av = [_mm512_setzero_ps(); MV];
             for (v, x) in av.iter_mut().enumerate() {
@@ -284,6 +299,19 @@ mod x86 {
                     acc[v][r] = _mm512_fmadd_ps(av[v], b, acc[v][r]);
                 }
             }
+        };
+        let mut p = 0;
+        while p + 16 <= k {
+            for r in 0..pf.rows {
+                _mm_prefetch::<_MM_HINT_T1>(pf.base.wrapping_add(r * k + p) as *const i8);
+            }
+            for q in p..p + 16 {
+                step(q);
+            }
+            p += 16;
+        }
+        for q in p..k {
+            step(q);
         }
         for v in 0..MV {
             for r in 0..NR {
