@@ -313,9 +313,9 @@ mod x86 {
         for q in p..k {
             step(q);
         }
-        for v in 0..MV {
-            for r in 0..NR {
-                _mm512_storeu_ps(tile[r].as_mut_ptr().add(16 * v), acc[v][r]);
+        for (v, row) in acc.iter().enumerate() {
+            for (r, &x) in row.iter().enumerate() {
+                _mm512_storeu_ps(tile[r].as_mut_ptr().add(16 * v), x);
             }
         }
     }
@@ -338,7 +338,8 @@ mod tests {
             return;
         }
         let mut seed = 40;
-        for &(m, n, k) in &[(1, 1, 1), (65, 7, 5), (130, 97, 33), (200, 13, 48), (128, 50, 160), (79, 6, 17), (3, 5, 0)] {
+        for &(m, n, k) in &[(1, 1, 1), (65, 7, 5), (130, 97, 33), (200, 13, 48), (128, 50, 160), (79, 6, 17), (3, 5, 0)]
+        {
             seed += 3;
             let (a, w) = (randn(seed, m * k), randn(seed + 1, n * k));
             let want = naive_matmul(&a, &w, m, n, k, false, true);
