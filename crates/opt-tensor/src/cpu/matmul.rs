@@ -10,8 +10,9 @@
 
 use rayon::prelude::*;
 
+use super::gemv::GEMV_MAX_M;
 use super::memory::widen_into;
-use super::{par, with_scratch, CpuBuf};
+use super::{gemm_nt, par, with_scratch, CpuBuf};
 use crate::backend::Gemm;
 use crate::{Result, TensorError};
 
@@ -77,6 +78,10 @@ pub(crate) fn matmul(out: &mut [f32], a: &[f32], b: &[f32], g: &Gemm) {
     }
     if k == 0 {
         return empty_product(out, g);
+    }
+    if batch == 1 && g.trans_b && !g.trans_a && m > GEMV_MAX_M && gemm_nt::available() {
+        // Prefill-shaped product against a PyTorch-layout weight: stream the weight unpacked.
+        return gemm_nt::gemm_nt(out, a, b, m, n, k, g.alpha, g.beta);
     }
     let mn = m * n;
     let (a_size, b_size) = (m * k, k * n);

@@ -23,6 +23,7 @@
 mod attention;
 mod elementwise;
 mod embedding;
+mod gemm_nt;
 mod gemv;
 mod loss;
 mod math;
