@@ -170,7 +170,7 @@ impl<B: Backend> Batch<B> {
         }
         let mut dst = match self.spare.take() {
             Some(c) if c.batch == src.len() && c.capacity == cap => c,
-            _ => KvCache::new(be, cfg, src.len(), cap)?,
+            _ => KvCache::for_model(model, src.len(), cap)?,
         };
         if n > 0 {
             for l in 0..cfg.num_hidden_layers {
@@ -401,7 +401,7 @@ impl<'a, B: Backend> Generator<'a, B> {
             mask.extend(std::iter::repeat_n(0u8, pad).chain(std::iter::repeat_n(1u8, x.ids.len())));
         }
         let capacity = tp + max_new.saturating_sub(1);
-        let mut cache = KvCache::new(&self.model.backend, cfg, p, capacity.max(tp))?;
+        let mut cache = KvCache::for_model(self.model, p, capacity.max(tp))?;
         let lmode = if params.echo { LogitsMode::All } else { LogitsMode::Last };
         let logits = self.model.forward(&ids, p, Some(&mask), Some(&mut cache), lmode)?;
         let host = self.model.backend.to_f32(logits.v())?;

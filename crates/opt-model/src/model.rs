@@ -57,8 +57,19 @@ pub struct KvCache<B: Backend> {
 }
 
 impl<B: Backend> KvCache<B> {
+    /// A cache for `cfg`'s full width (`hidden_size` per position).
     pub fn new(backend: &B, cfg: &OptConfig, batch: usize, capacity: usize) -> Result<Self> {
-        let n = batch * capacity * cfg.hidden_size;
+        Self::with_width(backend, cfg, batch, capacity, cfg.hidden_size)
+    }
+
+    /// A cache sized for `model`: a tensor-parallel shard keeps only its heads' keys and values
+    /// (`layout.attn_dim` per position, the layout the model's forward uses).
+    pub fn for_model(model: &OptModel<B>, batch: usize, capacity: usize) -> Result<Self> {
+        Self::with_width(&model.backend, &model.cfg, batch, capacity, model.layout.attn_dim)
+    }
+
+    fn with_width(backend: &B, cfg: &OptConfig, batch: usize, capacity: usize, width: usize) -> Result<Self> {
+        let n = batch * capacity * width;
         let mut k = Vec::with_capacity(cfg.num_hidden_layers);
         let mut v = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {

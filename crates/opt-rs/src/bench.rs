@@ -130,7 +130,7 @@ fn run<B: Backend>(a: BenchArgs, backend: B) -> Result<()> {
         let mut min_step = f64::INFINITY;
         let dt = time(reps, || {
             // Greedy: prefill (last logits only), then one token per row and step with the KV cache.
-            let mut cache = KvCache::new(&model.backend, &model.cfg, b, a.prompt + steps)?;
+            let mut cache = KvCache::for_model(&model, b, a.prompt + steps)?;
             let mut logits = model.forward(&prompt, b, None, Some(&mut cache), LogitsMode::Last)?;
             for _ in 1..steps {
                 // Greedy choice where the logits are (on a GPU only the ids cross the bus).

@@ -187,7 +187,7 @@ impl<B: Backend> Runner<B> {
     // ---- the calls themselves: the same code on the leader and on every follower -------------
 
     fn run_prefill(&mut self, seq: u64, ids: &[u32], capacity: usize, all: bool) -> opt_model::Result<B::Buf> {
-        let mut cache = KvCache::new(&self.model.backend, &self.model.cfg, 1, capacity)?;
+        let mut cache = KvCache::for_model(&self.model, 1, capacity)?;
         let mode = if all { LogitsMode::All } else { LogitsMode::Last };
         let logits = self.model.forward(ids, 1, None, Some(&mut cache), mode)?;
         self.caches.insert(seq, cache);
@@ -197,7 +197,7 @@ impl<B: Backend> Runner<B> {
     fn run_fork(&mut self, from: u64, to: u64) -> opt_model::Result<()> {
         let src = self.caches.get(&from).ok_or_else(|| missing(from))?;
         let be = &self.model.backend;
-        let mut dst = KvCache::new(be, &self.model.cfg, 1, src.capacity)?;
+        let mut dst = KvCache::for_model(&self.model, 1, src.capacity)?;
         // This rank's heads only under tensor parallelism.
         let n = src.len * self.model.layout.attn_dim;
         for l in 0..self.model.cfg.num_hidden_layers {
