@@ -65,6 +65,24 @@ impl<B: Backend> OptModel<B> {
         Ok(OptModel { cfg, layout, params, backend, hooks: None, quant: None })
     }
 
+    /// This model holding its decoder layers one at a time ([`ParamLayout::streamed`]): the
+    /// resident parameters are kept, the layers dropped (a `LayerStream` supplies them to
+    /// `forward_streamed` / `forward_backward_streamed`). Tensor-parallel hooks are kept.
+    pub fn into_streamed(mut self) -> Result<Self> {
+        if self.layout.slot.is_some() {
+            return Ok(self);
+        }
+        if self.quant.is_some() {
+            return Err(ModelError::Input("an int8 model cannot hold its layers one at a time".into()));
+        }
+        let compact = self.layout.streamed_host(&self.params_f32()?);
+        let dtype = self.dtype();
+        self.params = self.backend.zeros(dtype, 0)?;
+        self.params = self.backend.from_f32(&compact, dtype)?;
+        self.layout = self.layout.streamed();
+        Ok(self)
+    }
+
     /// Storage dtype of the parameters.
     pub fn dtype(&self) -> DType {
         self.params.dtype()

@@ -14,7 +14,7 @@ use std::path::PathBuf;
 
 pub use config::{OptConfig, PRESETS};
 pub use model::{causal_targets, position_ids, DropoutCfg, KvCache, LogitsMode, OptModel, TrainBatch, TrainState};
-pub use parallel::{HostReduce, ParallelHooks};
+pub use parallel::{HostReduce, LayerStream, ParallelHooks, Pass};
 pub use params::{ParamLayout, ParamSpec};
 pub use quant::{QuantConfig, QuantWeights};
 pub use score::{score_sequence, SequenceScore};

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use opt_tensor::{AttnDims, Backend, Buffer, DType, Dropout, Gemm, View, ViewMut};
 
 use crate::config::{OptConfig, LN_EPS, POSITION_OFFSET};
-use crate::parallel::{HostReduce, ParallelHooks};
+use crate::parallel::{HostReduce, LayerStream, ParallelHooks, Pass};
 use crate::params::{LayerIdx, ParamLayout};
 use crate::quant::QuantWeights;
 use crate::{ModelError, Result};
@@ -230,6 +230,19 @@ impl<B: Backend> TrainState<B> {
             dlnb: z(c)?,
         })
     }
+}
+
+/// The state of one inference forward between its layers.
+struct ForwardRun<B: Backend> {
+    batch: usize,
+    t: usize,
+    /// Cached positions before this call, and after it.
+    past: usize,
+    total: usize,
+    /// `[B, past + T]`.
+    mask: Vec<u8>,
+    acts: LayerActs<B>,
+    x_next: B::Buf,
 }
 
 /// Dropout seeds for one training step (`None` = evaluation, no dropout).
@@ -801,15 +814,69 @@ impl<B: Backend> OptModel<B> {
         mut cache: Option<&mut KvCache<B>>,
         mode: LogitsMode,
     ) -> Result<B::Buf> {
+        self.refuse_streamed()?;
+        let mut run = self.forward_begin(ids, batch, mask, cache.as_deref())?;
+        for li in 0..self.cfg.num_hidden_layers {
+            self.forward_layer(&mut run, li, cache.as_deref_mut())?;
+        }
+        self.forward_end(run, cache, mode)
+    }
+
+    /// [`OptModel::forward`] for a streamed model (layout [`ParamLayout::streamed`]): each
+    /// layer's parameters are fetched from `stream` into the slot just before the layer runs.
+    pub fn forward_streamed(
+        &mut self,
+        ids: &[u32],
+        batch: usize,
+        mask: Option<&[u8]>,
+        mut cache: Option<&mut KvCache<B>>,
+        mode: LogitsMode,
+        stream: &mut dyn LayerStream<B>,
+    ) -> Result<B::Buf> {
+        let mut run = self.forward_begin(ids, batch, mask, cache.as_deref())?;
+        for li in 0..self.cfg.num_hidden_layers {
+            self.fetch_layer(stream, li, Pass::Forward)?;
+            self.forward_layer(&mut run, li, cache.as_deref_mut())?;
+        }
+        self.forward_end(run, cache, mode)
+    }
+
+    /// A model with a streamed layout holds one layer at a time: the ordinary entry points
+    /// would read the slot for every layer.
+    fn refuse_streamed(&self) -> Result<()> {
+        if self.layout.slot.is_some() {
+            return Err(ModelError::Input(
+                "this model holds its layers one at a time (FSDP / ZeRO-3): use the *_streamed entry points".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Fill the layer slot of a streamed model with layer `li`'s parameters.
+    fn fetch_layer(&mut self, stream: &mut dyn LayerStream<B>, li: usize, pass: Pass) -> Result<()> {
+        let Some((a, b)) = self.layout.slot else {
+            return Err(ModelError::Input("this model's layout is not streamed (ParamLayout::streamed)".into()));
+        };
+        stream.fetch(&self.backend, li, pass, self.params.at_mut(a, b - a))
+    }
+
+    /// Checks, positions and the embedding of an inference forward.
+    fn forward_begin(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        mask: Option<&[u8]>,
+        cache: Option<&KvCache<B>>,
+    ) -> Result<ForwardRun<B>> {
         let be = &self.backend;
         let cfg = &self.cfg;
         if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
             return Err(ModelError::Input(format!("{} ids do not form a batch of {batch} rows", ids.len())));
         }
         let t = ids.len() / batch;
-        let past = cache.as_ref().map_or(0, |c| c.len);
+        let past = cache.map_or(0, |c| c.len);
         let total = past + t;
-        if let Some(c) = cache.as_ref() {
+        if let Some(c) = cache {
             if c.batch != batch {
                 return Err(ModelError::Input(format!("KV cache holds {} rows, batch has {batch}", c.batch)));
             }
@@ -820,7 +887,6 @@ impl<B: Backend> OptModel<B> {
                 )));
             }
         }
-        let ones;
         let mask = match mask {
             Some(m) => {
                 if m.len() != batch * total {
@@ -829,14 +895,11 @@ impl<B: Backend> OptModel<B> {
                         m.len()
                     )));
                 }
-                m
+                m.to_vec()
             }
-            None => {
-                ones = vec![1u8; batch * total];
-                &ones
-            }
+            None => vec![1u8; batch * total],
         };
-        let pos = position_ids(mask, batch, total, t);
+        let pos = position_ids(&mask, batch, total, t);
         if let Some(&p) = pos.iter().max() {
             if p as usize >= cfg.position_rows() {
                 return Err(ModelError::Input(format!(
@@ -849,20 +912,34 @@ impl<B: Backend> OptModel<B> {
         let n = batch * t;
         let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         let mut acts = LayerActs::new(be, cfg, batch, t, false)?;
-        let mut x_next = be.zeros(DType::F32, n * c)?;
+        let x_next = be.zeros(DType::F32, n * c)?;
         let mut emb = be.zeros(DType::F32, if cfg.has_projection() { n * dp } else { 0 })?;
         self.embed(&mut acts.x_in, &mut emb, ids, &pos)?;
-        for li in 0..cfg.num_hidden_layers {
-            let cache_bufs = match cache.as_deref_mut() {
-                Some(kv) => {
-                    let cap = kv.capacity;
-                    LayerKv::Shared { k: &mut kv.k[li], v: &mut kv.v[li], past, cap }
-                }
-                None => LayerKv::None,
-            };
-            self.layer_forward(li, &mut acts, x_next.vm(), batch, t, Some(mask), cache_bufs, false, None)?;
-            std::mem::swap(&mut acts.x_in, &mut x_next);
-        }
+        Ok(ForwardRun { batch, t, past, total, mask, acts, x_next })
+    }
+
+    /// Layer `li` of an inference forward.
+    fn forward_layer(&self, run: &mut ForwardRun<B>, li: usize, cache: Option<&mut KvCache<B>>) -> Result<()> {
+        let ForwardRun { batch, t, past, mask, acts, x_next, .. } = run;
+        let cache_bufs = match cache {
+            Some(kv) => {
+                let cap = kv.capacity;
+                LayerKv::Shared { k: &mut kv.k[li], v: &mut kv.v[li], past: *past, cap }
+            }
+            None => LayerKv::None,
+        };
+        self.layer_forward(li, acts, x_next.vm(), *batch, *t, Some(mask), cache_bufs, false, None)?;
+        std::mem::swap(&mut acts.x_in, x_next);
+        Ok(())
+    }
+
+    /// The final norm and the logits of an inference forward.
+    fn forward_end(&self, run: ForwardRun<B>, cache: Option<&mut KvCache<B>>, mode: LogitsMode) -> Result<B::Buf> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let ForwardRun { batch, t, total, acts, mut x_next, .. } = run;
+        let n = batch * t;
+        let (c, dp) = (cfg.hidden_size, cfg.word_embed_proj_dim);
         if let Some(kv) = cache {
             kv.len = total;
         }
@@ -901,6 +978,7 @@ impl<B: Backend> OptModel<B> {
     /// per row over that row's cache, so a row's result does not depend on its neighbours'
     /// lengths.
     pub fn forward_step(&self, tokens: &[u32], caches: &mut [&mut KvCache<B>]) -> Result<B::Buf> {
+        self.refuse_streamed()?;
         let be = &self.backend;
         let cfg = &self.cfg;
         let n = tokens.len();
@@ -964,7 +1042,59 @@ impl<B: Backend> OptModel<B> {
         loss_scale: Option<f32>,
         drop: Option<&DropoutCfg>,
     ) -> Result<(f64, usize)> {
-        let be = &self.backend;
+        self.refuse_streamed()?;
+        let pos = self.train_begin(batch, st, grads)?;
+        let nl = self.cfg.num_hidden_layers;
+        for li in 0..nl {
+            self.train_layer_forward(li, batch, st, drop)?;
+        }
+        let out = self.train_head(batch, st, grads, loss_scale)?;
+        for li in (0..nl).rev() {
+            self.layer_backward(li, st, grads, batch.batch, batch.seq, drop)?;
+        }
+        self.train_embed_backward(batch, st, grads, &pos)?;
+        Ok(out)
+    }
+
+    /// [`OptModel::forward_backward`] for a streamed model (layout [`ParamLayout::streamed`],
+    /// `grads` in that layout too): each layer's parameters are fetched from `stream` before
+    /// its forward and again before its backward (the last layer stays in the slot between
+    /// the two), and its gradient is handed to `stream` right after its backward and cleared.
+    /// The resident parameters' gradients accumulate in `grads` as usual.
+    pub fn forward_backward_streamed(
+        &mut self,
+        batch: &TrainBatch<'_>,
+        st: &mut TrainState<B>,
+        grads: &mut B::Buf,
+        loss_scale: Option<f32>,
+        drop: Option<&DropoutCfg>,
+        stream: &mut dyn LayerStream<B>,
+    ) -> Result<(f64, usize)> {
+        let Some((a, b)) = self.layout.slot else {
+            return Err(ModelError::Input("this model's layout is not streamed (ParamLayout::streamed)".into()));
+        };
+        let pos = self.train_begin(batch, st, grads)?;
+        let nl = self.cfg.num_hidden_layers;
+        for li in 0..nl {
+            self.fetch_layer(stream, li, Pass::Forward)?;
+            self.train_layer_forward(li, batch, st, drop)?;
+        }
+        let out = self.train_head(batch, st, grads, loss_scale)?;
+        self.backend.fill(grads.at_mut(a, b - a), 0.0)?;
+        for li in (0..nl).rev() {
+            if li + 1 != nl {
+                self.fetch_layer(stream, li, Pass::Backward)?;
+            }
+            self.layer_backward(li, st, grads, batch.batch, batch.seq, drop)?;
+            stream.reduce(&self.backend, li, grads.at(a, b - a))?;
+            self.backend.fill(grads.at_mut(a, b - a), 0.0)?;
+        }
+        self.train_embed_backward(batch, st, grads, &pos)?;
+        Ok(out)
+    }
+
+    /// Checks and the embedding of a training step; returns the position ids.
+    fn train_begin(&self, batch: &TrainBatch<'_>, st: &mut TrainState<B>, grads: &B::Buf) -> Result<Vec<u32>> {
         let cfg = &self.cfg;
         let (bsz, t) = (batch.batch, batch.seq);
         if self.quant.is_some() {
@@ -990,9 +1120,6 @@ impl<B: Backend> OptModel<B> {
         if let Some(bad) = batch.targets.iter().find(|&&x| x >= cfg.vocab_size as i32) {
             return Err(ModelError::Input(format!("target id {bad} is outside the vocabulary of {}", cfg.vocab_size)));
         }
-        // v: this shard's vocabulary rows (V without tensor parallelism).
-        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, self.layout.vocab);
-        let nc = n * c;
         let pos = position_ids(batch.mask, bsz, t, t);
         if let Some(&p) = pos.iter().max() {
             if p as usize >= cfg.position_rows() {
@@ -1002,23 +1129,44 @@ impl<B: Backend> OptModel<B> {
                 )));
             }
         }
-        let lay = &self.layout;
-        let nl = cfg.num_hidden_layers;
+        let first = &mut st.layers[0];
+        self.embed(&mut first.x_in, &mut st.emb, batch.ids, &pos)?;
+        Ok(pos)
+    }
 
-        // ---- forward -----------------------------------------------------------------------
-        {
-            let first = &mut st.layers[0];
-            self.embed(&mut first.x_in, &mut st.emb, batch.ids, &pos)?;
-        }
-        for li in 0..nl {
-            let (head, tail) = st.layers.split_at_mut(li + 1);
-            let acts = &mut head[li];
-            let out = match tail.first_mut() {
-                Some(next) => next.x_in.vm(),
-                None => st.x_last.vm(),
-            };
-            self.layer_forward(li, acts, out, bsz, t, Some(batch.mask), LayerKv::None, true, drop)?;
-        }
+    /// Forward of layer `li` in a training step (activations kept for the backward).
+    fn train_layer_forward(
+        &self,
+        li: usize,
+        batch: &TrainBatch<'_>,
+        st: &mut TrainState<B>,
+        drop: Option<&DropoutCfg>,
+    ) -> Result<()> {
+        let (head, tail) = st.layers.split_at_mut(li + 1);
+        let acts = &mut head[li];
+        let out = match tail.first_mut() {
+            Some(next) => next.x_in.vm(),
+            None => st.x_last.vm(),
+        };
+        self.layer_forward(li, acts, out, batch.batch, batch.seq, Some(batch.mask), LayerKv::None, true, drop)
+    }
+
+    /// The head of a training step: final norm, fused LM head + loss, and their backward down
+    /// to `st.dx` = d(last layer output). Returns `(Σ loss, targets)`.
+    fn train_head(
+        &self,
+        batch: &TrainBatch<'_>,
+        st: &mut TrainState<B>,
+        grads: &mut B::Buf,
+        loss_scale: Option<f32>,
+    ) -> Result<(f64, usize)> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let n = batch.batch * batch.seq;
+        // v: this shard's vocabulary rows (V without tensor parallelism).
+        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, self.layout.vocab);
+        let nc = n * c;
+        let lay = &self.layout;
         self.head_input(st.x_last.at(0, nc), &mut st.xf, &mut st.lnf_mean, &mut st.lnf_rstd, &mut st.xp, n)?;
 
         // ---- fused LM head + cross-entropy, in row chunks --------------------------------
@@ -1112,13 +1260,24 @@ impl<B: Backend> OptModel<B> {
             be.copy(st.dx.at_mut(0, nc), dxf)?;
         }
 
-        // ---- layers, last to first -----------------------------------------------------------
-        for li in (0..nl).rev() {
-            self.layer_backward(li, st, grads, bsz, t, drop)?;
-        }
+        Ok((total_loss, count))
+    }
 
-        // ---- embeddings ----------------------------------------------------------------------
-        be.embedding_backward(grads.at_mut(lay.wpe, cfg.position_rows() * c), &pos, st.dx.at(0, nc), c)?;
+    /// The embeddings' backward, from `st.dx` = d(first layer input).
+    fn train_embed_backward(
+        &self,
+        batch: &TrainBatch<'_>,
+        st: &mut TrainState<B>,
+        grads: &mut B::Buf,
+        pos: &[u32],
+    ) -> Result<()> {
+        let be = &self.backend;
+        let cfg = &self.cfg;
+        let n = batch.batch * batch.seq;
+        let (c, dp, v) = (cfg.hidden_size, cfg.word_embed_proj_dim, self.layout.vocab);
+        let nc = n * c;
+        let lay = &self.layout;
+        be.embedding_backward(grads.at_mut(lay.wpe, cfg.position_rows() * c), pos, st.dx.at(0, nc), c)?;
         match lay.project_in {
             Some(pi) => {
                 be.matmul(
@@ -1149,7 +1308,7 @@ impl<B: Backend> OptModel<B> {
             }
         }
         be.embedding_backward(grads.at_mut(lay.wte, v * dp), &local, st.demb.at(0, n * dp), dp)?;
-        Ok((total_loss, count))
+        Ok(())
     }
 
     /// Linear backward: `dW += dyᵀ x`, `db += Σ dy`, `dx (+)= dy W`.

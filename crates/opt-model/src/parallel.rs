@@ -14,7 +14,7 @@
 //!   [`ParallelHooks::all_reduce_host`]; the LM head's input gradient through `all_reduce_sum`;
 //! - inference logits: [`ParallelHooks::all_gather_host`] of each rank's vocabulary slice.
 
-use opt_tensor::{Backend, ViewMut};
+use opt_tensor::{Backend, View, ViewMut};
 
 use crate::Result;
 
@@ -39,4 +39,27 @@ pub trait ParallelHooks<B: Backend>: Send + Sync {
     fn all_reduce_host(&self, x: &mut [f32], op: HostReduce) -> Result<()>;
     /// Concatenate every rank's `x` (all the same length) in rank order.
     fn all_gather_host(&self, x: &[f32]) -> Result<Vec<f32>>;
+}
+
+/// Which pass a streamed layer's parameters are fetched for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    Backward,
+}
+
+/// Where a streamed model's decoder layers live when they are not in use (FSDP / ZeRO-3).
+///
+/// A model whose layout is [`crate::ParamLayout::streamed`] holds one layer slot. Before a
+/// layer's forward, and again before its backward, it asks [`LayerStream::fetch`] to fill the
+/// slot with that layer's parameters (opt-train's implementation all-gathers them from the
+/// fsdp ranks' shards); right after the layer's backward it hands the slot's gradient to
+/// [`LayerStream::reduce`] (which reduce-scatters it into the shards) and clears it. The model
+/// itself makes no collective calls.
+pub trait LayerStream<B: Backend> {
+    /// Write layer `li`'s parameters (in the streamed layout's slot order, i.e. the order of
+    /// one layer in the ordinary layout) into `slot`, in the slot's dtype.
+    fn fetch(&mut self, be: &B, li: usize, pass: Pass, slot: ViewMut<'_, B::Buf>) -> Result<()>;
+    /// Layer `li`'s backward is done: `grad` is the gradient it accumulated (f32, slot order).
+    fn reduce(&mut self, be: &B, li: usize, grad: View<'_, B::Buf>) -> Result<()>;
 }

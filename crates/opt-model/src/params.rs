@@ -77,6 +77,12 @@ pub struct ParamLayout {
     /// [`ParamLayout::without`]). Their `offset` is a key at or past [`ParamLayout::total`],
     /// which no view of the buffer can reach. Empty for an ordinary model.
     pub external: Vec<ParamSpec>,
+    /// `[start, end)` of each decoder layer's parameters (contiguous, in layer order). Empty for
+    /// a layout with external parameters.
+    layer_ranges: Vec<(usize, usize)>,
+    /// A streamed layout ([`ParamLayout::streamed`]): `[start, end)` of the one layer slot that
+    /// every layer's indices point into. `None` for an ordinary layout.
+    pub slot: Option<(usize, usize)>,
     total: usize,
 }
 
@@ -165,6 +171,14 @@ impl ParamLayout {
             (None, None)
         };
         let lm_head = (!cfg.tie_word_embeddings).then(|| add("lm_head.weight".into(), vec![v, dp]));
+        // Each layer's tensors were added one after another.
+        let mut layer_ranges = vec![(usize::MAX, 0usize); cfg.num_hidden_layers];
+        for s in &specs {
+            let li = s.name.strip_prefix("decoder.layers.").and_then(|r| r.split('.').next()?.parse::<usize>().ok());
+            if let Some(r) = li.and_then(|li| layer_ranges.get_mut(li)) {
+                *r = (r.0.min(s.offset), r.1.max(s.offset + s.numel()));
+            }
+        }
         ParamLayout {
             specs,
             wte,
@@ -180,6 +194,8 @@ impl ParamLayout {
             ffn_dim: f,
             vocab: v,
             external: Vec::new(),
+            layer_ranges,
+            slot: None,
             total: off,
         }
     }
@@ -253,8 +269,120 @@ impl ParamLayout {
             ffn_dim: self.ffn_dim,
             vocab: self.vocab,
             external,
+            layer_ranges: Vec::new(),
+            slot: None,
             total: kept,
         }
+    }
+
+    /// `[start, end)` of decoder layer `li`'s parameters in the flat buffer (the slot, for a
+    /// streamed layout). `None` past the last layer or for a layout with external parameters.
+    pub fn layer_range(&self, li: usize) -> Option<(usize, usize)> {
+        if li >= self.layers.len() {
+            return None;
+        }
+        self.slot.or_else(|| self.layer_ranges.get(li).copied())
+    }
+
+    /// The layout of a model that holds its decoder layers one at a time (FSDP / ZeRO-3, see
+    /// `opt-model`'s `LayerStream`): the other parameters (embeddings, projections, final norm,
+    /// LM head) in their order, with room for one layer where the layers were. Every layer's
+    /// indices point into that slot, so a layer's parameters must be written there before the
+    /// model uses them. Returns a clone for a layout without layers or with external parameters.
+    pub fn streamed(&self) -> ParamLayout {
+        let (Some(&(a, first_end)), Some(&(_, b))) = (self.layer_ranges.first(), self.layer_ranges.last()) else {
+            return self.clone();
+        };
+        if self.slot.is_some() {
+            return self.clone();
+        }
+        let slot_len = first_end - a;
+        // Every layer has the same shapes, so layer li's parameter at offset o sits at
+        // o - start(li) in the slot.
+        let map = |o: usize| -> usize {
+            if o < a {
+                o
+            } else if o >= b {
+                o - (b - a) + slot_len
+            } else {
+                let li = (o - a) / slot_len;
+                o - self.layer_ranges[li].0 + a
+            }
+        };
+        let specs = self
+            .specs
+            .iter()
+            .filter(|s| s.offset < first_end || s.offset >= b)
+            .map(|s| {
+                let name = match s.name.strip_prefix("decoder.layers.0.") {
+                    Some(rest) => format!("decoder.layers.slot.{rest}"),
+                    None => s.name.clone(),
+                };
+                ParamSpec { name, offset: map(s.offset), ..s.clone() }
+            })
+            .collect();
+        let mo = |o: Option<usize>| o.map(map);
+        let slot_idx = {
+            let l = &self.layers[0];
+            LayerIdx {
+                q_w: map(l.q_w),
+                q_b: mo(l.q_b),
+                k_w: map(l.k_w),
+                k_b: mo(l.k_b),
+                v_w: map(l.v_w),
+                v_b: mo(l.v_b),
+                o_w: map(l.o_w),
+                o_b: mo(l.o_b),
+                ln1_w: mo(l.ln1_w),
+                ln1_b: mo(l.ln1_b),
+                fc1_w: map(l.fc1_w),
+                fc1_b: mo(l.fc1_b),
+                fc2_w: map(l.fc2_w),
+                fc2_b: mo(l.fc2_b),
+                ln2_w: mo(l.ln2_w),
+                ln2_b: mo(l.ln2_b),
+            }
+        };
+        ParamLayout {
+            specs,
+            wte: map(self.wte),
+            wpe: map(self.wpe),
+            project_in: mo(self.project_in),
+            project_out: mo(self.project_out),
+            final_ln_w: mo(self.final_ln_w),
+            final_ln_b: mo(self.final_ln_b),
+            lm_head: mo(self.lm_head),
+            layers: vec![slot_idx; self.layers.len()],
+            tp: self.tp,
+            attn_dim: self.attn_dim,
+            ffn_dim: self.ffn_dim,
+            vocab: self.vocab,
+            external: Vec::new(),
+            layer_ranges: Vec::new(),
+            slot: Some((a, a + slot_len)),
+            total: self.total - (b - a) + slot_len,
+        }
+    }
+
+    /// The streamed buffer ([`ParamLayout::streamed`]) of host parameters `host` in this layout:
+    /// the resident parameters copied, the layer slot zero.
+    pub fn streamed_host(&self, host: &[f32]) -> Vec<f32> {
+        let mut out = vec![0f32; self.streamed().total()];
+        for (a, b, at) in self.resident_ranges() {
+            out[at..at + b - a].copy_from_slice(&host[a..b]);
+        }
+        out
+    }
+
+    /// The parameters a streamed model keeps resident, as `(start, end, streamed_start)`: the
+    /// ranges of this (ordinary) layout outside the layers and where each begins in
+    /// [`ParamLayout::streamed`]'s buffer.
+    pub fn resident_ranges(&self) -> Vec<(usize, usize, usize)> {
+        let (Some(&(a, first_end)), Some(&(_, b))) = (self.layer_ranges.first(), self.layer_ranges.last()) else {
+            return vec![(0, self.total, 0)];
+        };
+        let slot_len = first_end - a;
+        [(0, a, 0), (b, self.total, a + slot_len)].into_iter().filter(|r| r.0 < r.1).collect()
     }
 
     /// Offset of the output (LM head) matrix: `lm_head` or the tied token embedding.
