@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Distributed parity under mpirun (OpenMPI, CPU): tp=2, fsdp=2, tp=2×fsdp=2 training vs the
-# PyTorch fixture, tensor-parallel greedy generation, tp=2 checkpoint reload + reshard to tp=1,
+# PyTorch fixture (fsdp with the slice kept gathered and with ZeRO-3 layer streaming), tensor-parallel greedy generation, tp=2 checkpoint reload + reshard to tp=1,
 # and a dead rank ending the job instead of hanging. Then the real `opt-rs train` under
 # `mpirun -np N` (and a torchrun-style TCP launch) with [parallel] tp / fsdp / dp: per-step
 # losses equal the one-process run's within 1e-4 with clipping on, a sharded run resumes
@@ -24,6 +24,8 @@ export OMPI_MCA_btl_vader_single_copy_mechanism=none
 "${MPI[@]}" -np 2 "$BIN" train 2 1 1
 "${MPI[@]}" -np 2 "$BIN" train 1 2 1
 "${MPI[@]}" -np 4 "$BIN" train 2 2 1
+"${MPI[@]}" -np 2 "$BIN" train 1 2 1 zero3
+"${MPI[@]}" -np 4 "$BIN" train 2 2 1 zero3
 "${MPI[@]}" -np 2 "$BIN" train 1 1 2
 "${MPI[@]}" -np 2 "$BIN" generate
 CK=$(mktemp -d)
@@ -90,7 +92,9 @@ compare "mpirun -np 2 opt-rs train, fsdp=2" one fsdp2
 train dp2 2 --set train.max_steps=4 --set parallel.dp=2
 compare "mpirun -np 2 opt-rs train, dp=2" one dp2
 train tp2fsdp2 4 --set train.max_steps=4 --set parallel.tp=2 --set parallel.fsdp=2
-compare "mpirun -np 4 opt-rs train, tp=2 × fsdp=2" one tp2fsdp2
+compare "mpirun -np 4 opt-rs train, tp=2 × fsdp=2 (ZeRO-3, layers gathered one at a time)" one tp2fsdp2
+train zero2 4 --set train.max_steps=4 --set parallel.tp=2 --set parallel.fsdp=2 --set parallel.reshard_after_forward=false
+compare "mpirun -np 4 opt-rs train, tp=2 × fsdp=2, reshard_after_forward=false (ZeRO-2-like)" one zero2
 
 # torchrun-style launch (TCP rendezvous, no MPI): fsdp=2.
 PORT=$((29500 + RANDOM % 1000))

@@ -28,7 +28,9 @@ fn run() -> Result<String, String> {
     match args.first().map(String::as_str) {
         Some("train") => {
             let plan = ParallelPlan { tp: num(1)?, fsdp: num(2)?, dp: num(3)? };
-            let reps = train(world, plan);
+            // `train TP FSDP DP zero3` streams the layers (ZeRO-3).
+            let zero3 = args.get(4).map(String::as_str) == Some("zero3");
+            let reps = train_with(world, plan, zero3);
             let r = Reference::open();
             let want = r.f32s("adamw_clip_losses");
             let mut worst = 0f32;
@@ -41,7 +43,8 @@ fn run() -> Result<String, String> {
                     reps.iter().map(|r| r.loss).collect::<Vec<_>>()
                 ));
             }
-            Ok(format!("{plan:?}: 5 losses match PyTorch, max |Δ| = {worst:e}"))
+            let mode = if zero3 { " (ZeRO-3)" } else { "" };
+            Ok(format!("{plan:?}{mode}: 5 losses match PyTorch, max |Δ| = {worst:e}"))
         }
         Some("generate") => {
             let (ids, l) = tp_generate(world, 8);

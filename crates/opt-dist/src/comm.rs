@@ -39,6 +39,42 @@ pub trait Communicator: Send + Sync {
     fn reduce_scatter(&self, x: &[f32], out: &mut [f32]) -> Result<()>;
     /// Copy `root`'s `x` to every rank.
     fn broadcast(&self, x: &mut [f32], root: usize) -> Result<()>;
+    /// `out` (`Σ counts`) = every rank's `x` (`counts[rank]` elements, possibly none), in rank
+    /// order (`MPI_Allgatherv`). The default broadcasts each non-empty part from its owner, so
+    /// every element crosses the links once, as in an all-gather.
+    fn all_gather_v(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        check_counts("all_gather_v", self, counts, x.len(), out.len())?;
+        let mut off = 0;
+        for (r, &c) in counts.iter().enumerate() {
+            if c > 0 {
+                if r == self.rank() {
+                    out[off..off + c].copy_from_slice(x);
+                }
+                self.broadcast(&mut out[off..off + c], r)?;
+            }
+            off += c;
+        }
+        Ok(())
+    }
+    /// Sum `x` (`Σ counts` elements) over the group; this rank keeps its part, the
+    /// `counts[rank]` elements after `Σ counts[..rank]`, in `out` (`MPI_Reduce_scatter`). The
+    /// default all-reduces each non-empty part (twice a reduce-scatter's traffic); MPI
+    /// overrides it with the native call.
+    fn reduce_scatter_v(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        check_counts("reduce_scatter_v", self, counts, out.len(), x.len())?;
+        let mut off = 0;
+        for (r, &c) in counts.iter().enumerate() {
+            if c > 0 {
+                let mut part = x[off..off + c].to_vec();
+                self.all_reduce(&mut part, ReduceOp::Sum)?;
+                if r == self.rank() {
+                    out.copy_from_slice(&part);
+                }
+            }
+            off += c;
+        }
+        Ok(())
+    }
     /// Copy `root`'s bytes to every rank (lengths may differ before the call).
     fn broadcast_bytes(&self, x: &mut Vec<u8>, root: usize) -> Result<()>;
     /// Wait until every rank got here.
@@ -60,6 +96,30 @@ pub(crate) fn check_gather(op: &'static str, size: usize, part: usize, whole: us
             op,
             detail: format!("buffers of {part} and {whole} elements for a group of {size}"),
         });
+    }
+    Ok(())
+}
+
+/// Checks of the variable-count collectives: one count per rank, this rank's part and the
+/// whole of the right lengths.
+pub(crate) fn check_counts<C: Communicator + ?Sized>(
+    op: &'static str,
+    comm: &C,
+    counts: &[usize],
+    part: usize,
+    whole: usize,
+) -> Result<()> {
+    let bad = |detail: String| Err(DistError::Collective { op, detail });
+    if counts.len() != comm.size() {
+        return bad(format!("{} counts for a group of {}", counts.len(), comm.size()));
+    }
+    if counts[comm.rank()] != part || counts.iter().sum::<usize>() != whole {
+        return bad(format!(
+            "rank {} passes {part} of {whole} elements, the counts {counts:?} say {} of {}",
+            comm.rank(),
+            counts[comm.rank()],
+            counts.iter().sum::<usize>()
+        ));
     }
     Ok(())
 }

@@ -8,7 +8,8 @@
 //! - [`launch`]: which of these the environment asks for;
 //! - [`plan`]: `[parallel] tp, fsdp, dp`, validation, the rank mesh and the Megatron weight split;
 //! - [`tensor_parallel`]: `parallelize`, the hooks the model calls;
-//! - [`sharded`]: FSDP/ZeRO and data-parallel training steps over the flat parameter buffer;
+//! - [`sharded`]: FSDP/ZeRO (whole-slice or per-layer ZeRO-3) and data-parallel training steps
+//!   over the flat parameter buffer;
 //! - [`train`]: opt-train's trainer run sharded ([`train::MeshParallel`] implements its
 //!   `Parallel` hooks over a [`Mesh`]), and [`train::reshard`] for its sharded checkpoints;
 //! - [`checkpoint`]: per-rank tensor-parallel model shards and resharding;

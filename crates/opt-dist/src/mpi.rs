@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::comm::{check_gather, Communicator, ReduceOp};
+use crate::comm::{check_counts, check_gather, Communicator, ReduceOp};
 use crate::{DistError, Result};
 
 type Handle = *mut c_void;
@@ -53,6 +53,24 @@ extern "C" {
         s: *const c_void,
         r: *mut c_void,
         n: c_int,
+        t: Handle,
+        op: Handle,
+        comm: Handle,
+    ) -> c_int;
+    fn MPI_Allgatherv(
+        s: *const c_void,
+        sn: c_int,
+        st: Handle,
+        r: *mut c_void,
+        rcounts: *const c_int,
+        displs: *const c_int,
+        rt: Handle,
+        comm: Handle,
+    ) -> c_int;
+    fn MPI_Reduce_scatter(
+        s: *const c_void,
+        r: *mut c_void,
+        rcounts: *const c_int,
         t: Handle,
         op: Handle,
         comm: Handle,
@@ -227,6 +245,47 @@ impl Communicator for MpiComm {
                     x.as_ptr().cast(),
                     out.as_mut_ptr().cast(),
                     n,
+                    float_h(),
+                    op_h(ReduceOp::Sum),
+                    self.h(),
+                )
+            })
+        })
+    }
+    fn all_gather_v(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        check_counts("all_gather_v", self, counts, x.len(), out.len())?;
+        count("all_gather_v", out.len())?;
+        let c: Vec<c_int> = counts.iter().map(|&n| n as c_int).collect();
+        let d: Vec<c_int> = counts.iter().scan(0, |acc, &n| Some(std::mem::replace(acc, *acc + n) as c_int)).collect();
+        let n = c[self.rank];
+        // SAFETY: x holds counts[rank] floats and out their sum (checked above, below int range);
+        // c and d hold one entry per rank.
+        self.guarded("all_gather_v", || {
+            check("all_gather_v", unsafe {
+                MPI_Allgatherv(
+                    x.as_ptr().cast(),
+                    n,
+                    float_h(),
+                    out.as_mut_ptr().cast(),
+                    c.as_ptr(),
+                    d.as_ptr(),
+                    float_h(),
+                    self.h(),
+                )
+            })
+        })
+    }
+    fn reduce_scatter_v(&self, x: &[f32], counts: &[usize], out: &mut [f32]) -> Result<()> {
+        check_counts("reduce_scatter_v", self, counts, out.len(), x.len())?;
+        count("reduce_scatter_v", x.len())?;
+        let c: Vec<c_int> = counts.iter().map(|&n| n as c_int).collect();
+        // SAFETY: x holds the sum of the counts and out this rank's count (checked above).
+        self.guarded("reduce_scatter_v", || {
+            check("reduce_scatter_v", unsafe {
+                MPI_Reduce_scatter(
+                    x.as_ptr().cast(),
+                    out.as_mut_ptr().cast(),
+                    c.as_ptr(),
                     float_h(),
                     op_h(ReduceOp::Sum),
                     self.h(),

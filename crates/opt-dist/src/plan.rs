@@ -88,6 +88,7 @@ impl ParallelPlan {
 }
 
 /// The groups one rank takes part in.
+#[derive(Clone)]
 pub struct Mesh {
     pub plan: ParallelPlan,
     pub coords: Coords,

@@ -11,12 +11,15 @@
 //!    for clipping, and
 //! 5. runs AdamW on its shard.
 //!
-//! The gather is of the whole slice, kept between forward and backward (what the OPT runs did,
-//! ZeRO-2-like for parameters); gathering layer by layer just before each layer's forward and
-//! backward needs a per-layer hook in the model and is not done yet.
+//! By default the gather is of the whole slice, kept between forward and backward (what the OPT
+//! runs did, ZeRO-2-like for parameters). [`ShardedTrainer::streaming_layers`] switches to
+//! ZeRO-3: the model keeps its non-layer parameters and one layer slot, each layer is gathered
+//! just before its forward and its backward and its gradient reduce-scattered right after its
+//! backward (opt-train's [`opt_train::zero3`] stream over [`crate::train::MeshParallel`]).
 
-use opt_model::{causal_targets, OptModel, TrainBatch, TrainState};
+use opt_model::{causal_targets, OptModel, ParamLayout, TrainBatch, TrainState};
 use opt_tensor::{AdamW, Backend, Buffer, DType};
+use opt_train::zero3::{self, Zero3Stream};
 
 use crate::comm::ReduceOp;
 use crate::plan::{split_of, Mesh, Split};
@@ -56,9 +59,13 @@ pub struct ShardedTrainer<B: Backend> {
     /// `[start, end)` ranges of this shard whose squares count toward the gradient norm.
     norm_ranges: Vec<(usize, usize)>,
     state: Option<TrainState<B>>,
+    /// The slice's ordinary layout (the model's, unless it streams its layers).
+    slice: ParamLayout,
+    /// ZeRO-3: the collectives for the layer stream, when the model streams its layers.
+    streaming: Option<crate::train::MeshParallel>,
 }
 
-impl<B: Backend> ShardedTrainer<B> {
+impl<B: Backend + 'static> ShardedTrainer<B> {
     /// Wrap an (already tensor-parallel) model. Every rank of an fsdp group must pass the same
     /// parameters; each keeps only its shard as master weights.
     pub fn new(model: OptModel<B>, mesh: Mesh, hp: TrainHp) -> Result<Self> {
@@ -90,32 +97,59 @@ impl<B: Backend> ShardedTrainer<B> {
             master,
             shard,
             norm_ranges,
+            slice: model.layout.clone(),
             model,
             mesh,
             hp,
             step: 0,
             state: None,
+            streaming: None,
         })
     }
 
-    /// All-gather the parameter shards into the model's buffer.
-    fn gather_params(&mut self) -> Result<()> {
+    /// Switch to ZeRO-3: the model drops its layers (keeping the non-layer parameters and one
+    /// layer slot) and gathers each layer from the fsdp shards as it runs.
+    pub fn streaming_layers(mut self) -> Result<Self> {
+        if self.streaming.is_none() {
+            self.model = self.model.into_streamed()?;
+            self.streaming = Some(crate::train::MeshParallel::new(self.mesh.clone()));
+            self.state = None;
+            self.grads = self.model.backend.zeros(DType::F32, self.model.layout.total())?;
+        }
+        Ok(self)
+    }
+
+    /// This rank's window `[lo, hi)` of the slice (the shard, less the padding past the end).
+    fn window(&self) -> (usize, usize) {
+        crate::train::window(self.slice.total(), self.mesh.plan.fsdp, self.mesh.coords.fsdp)
+    }
+
+    /// All-gather the parameter shards: the slice's parameters, on the host.
+    fn gather_host(&self) -> Result<Vec<f32>> {
         let be = &self.model.backend;
         let k = self.mesh.plan.fsdp;
         let mine = be.to_f32(self.master.v())?;
         let mut full = vec![0f32; self.shard * k];
         self.mesh.fsdp.all_gather(&mine, &mut full)?;
-        full.truncate(self.model.layout.total());
+        full.truncate(self.slice.total());
+        Ok(full)
+    }
+
+    /// All-gather the parameter shards into the model's buffer (ZeRO-3: its non-layer part).
+    fn gather_params(&mut self) -> Result<()> {
+        if let Some(par) = &self.streaming {
+            let window = self.window();
+            return Ok(zero3::gather_resident(par, &self.slice, window, &self.master, &mut self.model)?);
+        }
+        let full = self.gather_host()?;
         let dtype = self.model.dtype();
-        let fresh = be.from_f32(&full, dtype)?;
-        self.model.params = fresh;
+        self.model.params = self.model.backend.from_f32(&full, dtype)?;
         Ok(())
     }
 
     /// The current parameters of this tensor-parallel slice (gathered).
     pub fn params_f32(&mut self) -> Result<Vec<f32>> {
-        self.gather_params()?;
-        Ok(self.model.params_f32()?)
+        self.gather_host()
     }
 
     /// One optimizer step on this rank's rows: `ids` is `[rows, seq]` with all positions real.
@@ -145,15 +179,33 @@ impl<B: Backend> ShardedTrainer<B> {
             self.state.as_mut().ok_or_else(|| DistError::Collective { op: "train_step", detail: "no state".into() })?;
         be.fill(self.grads.vm(), 0.0)?;
         let batch = TrainBatch { ids, mask: &mask, targets: &targets, batch: rows, seq };
-        let (loss_sum, _) = self.model.forward_backward(&batch, st, &mut self.grads, Some(scale), None)?;
-
-        // Gradients: reduce-scatter over fsdp, then all-reduce the shard over dp.
-        let k = self.mesh.plan.fsdp;
-        let mut g = be.to_f32(self.grads.v())?;
-        g.resize(self.shard * k, 0.0);
         let mut gs = vec![0f32; self.shard];
-        self.mesh.fsdp.reduce_scatter(&g, &mut gs)?;
+        let loss_sum = match &self.streaming {
+            Some(par) => {
+                // ZeRO-3: each layer's gradient is reduce-scattered into `gs` as its backward
+                // ends; the non-layer parameters' after the whole backward.
+                let window = crate::train::window(self.slice.total(), self.mesh.plan.fsdp, self.mesh.coords.fsdp);
+                let acc = &mut gs[..window.1 - window.0];
+                let mut z = Zero3Stream::new(par, &self.slice, window, &self.master, Some(acc));
+                let r = self.model.forward_backward_streamed(&batch, st, &mut self.grads, Some(scale), None, &mut z);
+                let (loss_sum, _) = z.finish(r)?;
+                let be = &self.model.backend;
+                zero3::reduce_resident(par, be, &self.slice, window, &self.grads, &mut gs[..window.1 - window.0])?;
+                loss_sum
+            }
+            None => {
+                let (loss_sum, _) = self.model.forward_backward(&batch, st, &mut self.grads, Some(scale), None)?;
+                // Gradients: reduce-scatter over fsdp.
+                let k = self.mesh.plan.fsdp;
+                let mut g = self.model.backend.to_f32(self.grads.v())?;
+                g.resize(self.shard * k, 0.0);
+                self.mesh.fsdp.reduce_scatter(&g, &mut gs)?;
+                loss_sum
+            }
+        };
+        // Then all-reduce the shard over dp.
         self.mesh.dp.all_reduce(&mut gs, ReduceOp::Sum)?;
+        let be = &self.model.backend;
 
         // Global norm: sums of squares of this shard (replicated tensors once), over every rank
         // of one data replica... and every replica holds the same values, so reduce over the

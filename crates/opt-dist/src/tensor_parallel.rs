@@ -79,6 +79,19 @@ pub fn from_shard<B: Backend + 'static>(
     dtype: DType,
     tp: Arc<dyn Communicator>,
 ) -> Result<OptModel<B>> {
+    from_shard_with(backend, cfg, local, dtype, tp, false)
+}
+
+/// [`from_shard`]; with `streamed`, the model holds only the non-layer parameters and one layer
+/// slot (`ParamLayout::streamed`, for FSDP / ZeRO-3): the layers of `local` are not uploaded.
+pub fn from_shard_with<B: Backend + 'static>(
+    backend: B,
+    cfg: opt_model::OptConfig,
+    local: &[f32],
+    dtype: DType,
+    tp: Arc<dyn Communicator>,
+    streamed: bool,
+) -> Result<OptModel<B>> {
     let layout = ParamLayout::sharded(&cfg, tp.size());
     if local.len() != layout.total() {
         return Err(crate::DistError::Config {
@@ -86,7 +99,12 @@ pub fn from_shard<B: Backend + 'static>(
             detail: format!("shard holds {} parameters, tp = {} needs {}", local.len(), tp.size(), layout.total()),
         });
     }
-    let params = backend.from_f32(local, dtype)?;
+    let (layout, params) = if streamed {
+        (layout.streamed(), backend.from_f32(&layout.streamed_host(local), dtype)?)
+    } else {
+        let params = backend.from_f32(local, dtype)?;
+        (layout, params)
+    };
     let hooks: Option<Arc<dyn ParallelHooks<B>>> =
         if tp.size() > 1 { Some(Arc::new(TpHooks { comm: tp })) } else { None };
     Ok(OptModel { cfg, layout, params, backend, hooks, quant: None })

@@ -7,9 +7,10 @@
 //! - tensor parallel: the model is this tp rank's Megatron slice (`plan::shard_params`) with the
 //!   [`TpHooks`](crate::TpHooks) collectives; its flat buffer has `ParamLayout::sharded`'s layout;
 //! - fsdp: the slice's flat buffer is cut into `fsdp` windows of `ceil(n / fsdp)` (the last one
-//!   shorter); a rank keeps its window's f32 master weights and AdamW moments, reduce-scatters
-//!   the gradient into it, and all-gathers the parameters after the update (kept gathered
-//!   between steps, as `ShardedTrainer`);
+//!   shorter); a rank keeps its window's f32 master weights and AdamW moments and reduce-scatters
+//!   the gradient into it. With `reshard_after_forward` (ZeRO-3) the model holds one layer at a
+//!   time, gathered over the windows it spans ([`Parallel::gather_range`], an all-gather with
+//!   per-rank counts); otherwise the whole slice is all-gathered after the update and kept;
 //! - dp: the window's gradient is then all-reduced over the replicas.
 //!
 //! The gradient norm counts tensor-parallel-replicated tensors (LayerNorms, biases of row-split
@@ -61,6 +62,17 @@ impl MeshParallel {
     fn shard_len(&self, n: usize) -> usize {
         n.div_ceil(self.mesh.plan.fsdp)
     }
+
+    /// How many elements of `[a, b)` each fsdp rank's window holds.
+    fn range_counts(&self, n: usize, (a, b): (usize, usize)) -> Vec<usize> {
+        let k = self.mesh.plan.fsdp;
+        (0..k)
+            .map(|f| {
+                let (lo, hi) = window(n, k, f);
+                b.min(hi).saturating_sub(a.max(lo))
+            })
+            .collect()
+    }
 }
 
 impl<B: Backend + 'static> Parallel<B> for MeshParallel {
@@ -93,8 +105,15 @@ impl<B: Backend + 'static> Parallel<B> for MeshParallel {
         Ok(shard_params(cfg, full, self.mesh.plan.tp, self.mesh.coords.tp)?)
     }
 
-    fn model_from_slice(&self, backend: B, cfg: OptConfig, slice: &[f32], dtype: DType) -> TResult<OptModel<B>> {
-        Ok(crate::tensor_parallel::from_shard(backend, cfg, slice, dtype, self.mesh.tp.clone())?)
+    fn model_from_slice(
+        &self,
+        backend: B,
+        cfg: OptConfig,
+        slice: &[f32],
+        dtype: DType,
+        streamed: bool,
+    ) -> TResult<OptModel<B>> {
+        Ok(crate::tensor_parallel::from_shard_with(backend, cfg, slice, dtype, self.mesh.tp.clone(), streamed)?)
     }
 
     fn window(&self, n: usize) -> (usize, usize) {
@@ -147,6 +166,24 @@ impl<B: Backend + 'static> Parallel<B> for MeshParallel {
         self.mesh.fsdp.all_gather(&mine, &mut full)?;
         full.truncate(n);
         Ok(full)
+    }
+
+    fn gather_range(&self, mine: &[f32], n: usize, range: (usize, usize)) -> TResult<Vec<f32>> {
+        let counts = self.range_counts(n, range);
+        let mut out = vec![0f32; range.1 - range.0];
+        self.mesh.fsdp.all_gather_v(mine, &counts, &mut out)?;
+        Ok(out)
+    }
+
+    fn reduce_range(&self, grads: &[f32], n: usize, range: (usize, usize)) -> TResult<Vec<f32>> {
+        let counts = self.range_counts(n, range);
+        let mut out = vec![0f32; counts[self.mesh.coords.fsdp]];
+        self.mesh.fsdp.reduce_scatter_v(grads, &counts, &mut out)?;
+        Ok(out)
+    }
+
+    fn sum_over_replicas(&self, x: &mut [f32]) -> TResult<()> {
+        Ok(self.mesh.dp.all_reduce(x, ReduceOp::Sum)?)
     }
 
     fn any(&self, flag: bool) -> TResult<bool> {

@@ -94,3 +94,33 @@ fn step_time_model_is_in_the_papers_range() {
     assert!(e.tflops > 110.0 && e.tflops < 190.0, "{e:?}");
     assert!(opt_dist::perf::table().contains("H100"));
 }
+
+/// The variable-count collectives that ZeRO-3 gathers and reduces layers with: parts of any
+/// length (zero included) in rank order, over the TCP engine (MPI uses its native calls; the
+/// mpirun checks in scripts/dist_tests.sh exercise those).
+#[test]
+fn variable_count_collectives() {
+    let counts = vec![3usize, 0, 5];
+    let got = common::run_threads(3, move |w| {
+        let r = w.rank();
+        let off: usize = counts[..r].iter().sum();
+        let total: usize = counts.iter().sum();
+        // all_gather_v: rank r contributes (off + i) * 10.
+        let mine: Vec<f32> = (0..counts[r]).map(|i| ((off + i) * 10) as f32).collect();
+        let mut all = vec![f32::NAN; total];
+        w.all_gather_v(&mine, &counts, &mut all).expect("all_gather_v");
+        // reduce_scatter_v: rank r passes (r + 1) · i at position i; the sum is 6 · i.
+        let x: Vec<f32> = (0..total).map(|i| ((r + 1) * i) as f32).collect();
+        let mut part = vec![f32::NAN; counts[r]];
+        w.reduce_scatter_v(&x, &counts, &mut part).expect("reduce_scatter_v");
+        // A wrong count is an error, not a hang or a panic.
+        let bad = w.all_gather_v(&mine, &counts[..2], &mut all).is_err();
+        (all, part, off, bad)
+    });
+    for (r, (all, part, off, bad)) in got.into_iter().enumerate() {
+        assert_eq!(all, (0..8).map(|i| (i * 10) as f32).collect::<Vec<_>>(), "rank {r}");
+        let want: Vec<f32> = (0..part.len()).map(|i| (6 * (off + i)) as f32).collect();
+        assert_eq!(part, want, "rank {r}");
+        assert!(bad, "rank {r}: mismatched counts must be refused");
+    }
+}

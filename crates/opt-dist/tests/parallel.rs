@@ -8,8 +8,12 @@ use common::*;
 use opt_dist::ParallelPlan;
 
 fn check_plan(tp: usize, fsdp: usize, dp: usize) {
+    check_plan_with(tp, fsdp, dp, false)
+}
+
+fn check_plan_with(tp: usize, fsdp: usize, dp: usize, zero3: bool) {
     let plan = ParallelPlan { tp, fsdp, dp };
-    let runs = run_threads(plan.world(), move |w| train(w, plan));
+    let runs = run_threads(plan.world(), move |w| train_with(w, plan, zero3));
     let r = Reference::open();
     let (want, norms) = (r.f32s("adamw_clip_losses"), r.f32s("adamw_clip_grad_norms"));
     for (rank, reps) in runs.iter().enumerate() {
@@ -45,6 +49,21 @@ fn fsdp2_matches_torch() {
 #[test]
 fn tp2_fsdp2_matches_torch() {
     check_plan(2, 2, 1);
+}
+
+#[test]
+fn fsdp2_zero3_matches_torch() {
+    check_plan_with(1, 2, 1, true);
+}
+
+#[test]
+fn tp2_fsdp2_zero3_matches_torch() {
+    check_plan_with(2, 2, 1, true);
+}
+
+#[test]
+fn fsdp2_dp2_zero3_matches_torch() {
+    check_plan_with(1, 2, 2, true);
 }
 
 #[test]

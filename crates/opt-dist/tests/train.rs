@@ -11,7 +11,7 @@ use std::sync::Arc;
 use common::{fixture, run_threads};
 use opt_dist::train::{reshard, MeshParallel};
 use opt_dist::{Communicator, Mesh, ParallelPlan};
-use opt_model::{LogitsMode, OptModel};
+use opt_model::{LogitsMode, OptModel, ParamLayout};
 use opt_tensor::{Backend, Buffer, CpuBackend, DType};
 use opt_train::trainer::{Observer, StartOptions, StepReport};
 use opt_train::{TrainConfig, TrainError, Trainer};
@@ -144,6 +144,15 @@ fn sharded_losses_match_one_process() {
             .filter(|e| e.as_ref().is_ok_and(|e| e.file_name().to_string_lossy().starts_with("shard-")));
         assert_eq!(shards.count(), tp * fsdp, "{plan:?}");
     }
+    // The ZeRO-2-like mode (the whole slice kept gathered) gives the same losses.
+    let zero2 = ["parallel.reshard_after_forward=false".to_string()];
+    for (tp, fsdp) in [(1, 2), (2, 2)] {
+        let plan = ParallelPlan { tp, fsdp, dp: 1 };
+        let ranks = sharded(config(&dir.path().join(format!("zero2-tp{tp}fsdp{fsdp}")), &data, plan, 4, &zero2), false);
+        let d = max_loss_diff(&ranks[0], &one);
+        assert!(d <= 1e-4, "reshard_after_forward = false, {plan:?}: losses {:?} vs {one:?} (max Δ {d:e})", ranks[0]);
+        eprintln!("reshard_after_forward = false, {plan:?}: 4 losses within {d:e} of one process");
+    }
     // Gradient accumulation: 2 micro-batches of 2 rows, one row per data rank each.
     let accum = ["train.grad_accum=2".to_string()];
     let one = single(config(&dir.path().join("one-accum"), &data, ParallelPlan::default(), 4, &accum), false);
@@ -152,6 +161,63 @@ fn sharded_losses_match_one_process() {
     let d = max_loss_diff(&ranks[0], &one);
     assert!(d <= 1e-4, "grad_accum = 2, {plan:?}: losses {:?} vs {one:?} (max Δ {d:e})", ranks[0]);
     eprintln!("grad_accum = 2, {plan:?}: 4 losses within {d:e} of one process");
+}
+
+/// ZeRO-3 (the default with fsdp > 1): each rank's model holds the non-layer parameters and one
+/// layer slot, not its slice; evaluation and the end-of-run samples stream the layers too and
+/// agree with the ZeRO-2-like mode, which keeps the slice (sampling with a fixed seed: greedy
+/// picks `</s>` first on this random model).
+#[test]
+fn zero3_holds_one_layer_and_evaluates_and_samples() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("train.jsonl");
+    write_data(&data);
+    let plan = ParallelPlan { tp: 2, fsdp: 2, dp: 1 };
+    let extra = |zero3: bool| -> Vec<String> {
+        vec![
+            format!("parallel.reshard_after_forward={zero3}"),
+            format!("data.valid={}", data.display()),
+            "run.eval_batches=2".into(),
+            "run.eval_every=2".into(),
+            // Ids below the fixture's 512-token vocabulary: " the", ",", " and", " of".
+            "sample.prompts=[\" the, and of\"]".into(),
+            "sample.temperature=1.0".into(),
+            "sample.top_k=50".into(),
+            "sample.max_new_tokens=6".into(),
+        ]
+    };
+    let mut out = Vec::new();
+    for zero3 in [true, false] {
+        let cfg = config(&dir.path().join(format!("z{zero3}")), &data, plan, 4, &extra(zero3));
+        let res = run_threads(4, move |w| {
+            let mut t = trainer(w, cfg.clone(), false).expect("trainer");
+            let slice = ParamLayout::sharded(&t.model().cfg, 2).total();
+            let held = t.model().params.len();
+            let streamed = t.model().layout.slot.is_some();
+            let s = t.run(&mut Steps::default()).expect("run");
+            (slice, held, streamed, s.final_valid.expect("eval").loss, s.samples)
+        });
+        for (slice, held, streamed, _, _) in &res {
+            assert_eq!(*streamed, zero3);
+            if zero3 {
+                let layer = ParamLayout::sharded(&res_cfg(), 2).layer_range(0).map(|(a, b)| b - a).unwrap_or(0);
+                let layers = res_cfg().num_hidden_layers;
+                assert_eq!(*held, slice - (layers - 1) * layer, "ZeRO-3 holds the slice less all layers but one");
+            } else {
+                assert_eq!(held, slice);
+            }
+        }
+        assert!(res.iter().all(|r| r.3 == res[0].3 && r.4 == res[0].4), "ranks agree");
+        eprintln!("reshard_after_forward = {zero3}: eval loss {}, samples {:?}", res[0].3, res[0].4);
+        out.push((res[0].3, res[0].4.clone()));
+    }
+    assert!((out[0].0 - out[1].0).abs() <= 1e-5, "eval loss: ZeRO-3 {} vs ZeRO-2 {}", out[0].0, out[1].0);
+    assert_eq!(out[0].1, out[1].1, "greedy samples");
+    assert!(!out[0].1[0].1.is_empty(), "a continuation was sampled");
+}
+
+fn res_cfg() -> opt_model::OptConfig {
+    opt_model::OptConfig::from_path(&fixture("pre_ln")).expect("config")
 }
 
 #[test]
@@ -259,6 +325,7 @@ fn checkpoints_reshard_exactly_and_resume() {
             model_cfg,
             &l.params,
             DType::F32,
+            false,
         )
         .expect("model");
         logits(&m, &ids)

@@ -35,6 +35,9 @@ pub enum ModelError {
     Weights { file: String, name: String, detail: String },
     #[error("invalid input: {0}")]
     Input(String),
+    /// A collective of a parallel hook or layer stream failed (another rank died, timed out).
+    #[error("{0}")]
+    Parallel(String),
     #[error(transparent)]
     Backend(#[from] opt_tensor::TensorError),
 }

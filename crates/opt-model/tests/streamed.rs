@@ -6,7 +6,9 @@
 mod common;
 
 use common::{fixture, load, Reference};
-use opt_model::{causal_targets, KvCache, LayerStream, LogitsMode, OptModel, ParamLayout, Pass, TrainBatch, TrainState};
+use opt_model::{
+    causal_targets, KvCache, LayerStream, LogitsMode, OptModel, ParamLayout, Pass, TrainBatch, TrainState,
+};
 use opt_tensor::{Backend, Buffer, CpuBackend, DType, View, ViewMut};
 
 const MODELS: [&str; 4] = ["pre_ln", "post_ln_proj", "no_final_ln", "galactica"];
@@ -21,7 +23,13 @@ struct HostStream {
 }
 
 impl LayerStream<CpuBackend> for HostStream {
-    fn fetch(&mut self, be: &CpuBackend, li: usize, pass: Pass, slot: ViewMut<'_, <CpuBackend as Backend>::Buf>) -> opt_model::Result<()> {
+    fn fetch(
+        &mut self,
+        be: &CpuBackend,
+        li: usize,
+        pass: Pass,
+        slot: ViewMut<'_, <CpuBackend as Backend>::Buf>,
+    ) -> opt_model::Result<()> {
         let (a, b) = self.full.layer_range(li).expect("layer");
         assert_eq!(slot.len, b - a);
         let x = be.from_f32(&self.params[a..b], slot.buf.dtype())?;
@@ -29,7 +37,12 @@ impl LayerStream<CpuBackend> for HostStream {
         self.fetches.push((li, pass));
         Ok(())
     }
-    fn reduce(&mut self, be: &CpuBackend, li: usize, grad: View<'_, <CpuBackend as Backend>::Buf>) -> opt_model::Result<()> {
+    fn reduce(
+        &mut self,
+        be: &CpuBackend,
+        li: usize,
+        grad: View<'_, <CpuBackend as Backend>::Buf>,
+    ) -> opt_model::Result<()> {
         let (a, b) = self.full.layer_range(li).expect("layer");
         for (o, x) in self.grads[a..b].iter_mut().zip(be.to_f32(grad)?) {
             *o += x;
@@ -80,7 +93,9 @@ fn streamed_layout_holds_one_layer() {
         assert_eq!(res + nl * layer, full.total(), "{m}");
         // The ordinary entry points refuse a streamed model.
         let (sm, _) = streamed(&model);
-        let err = sm.forward(&[2, 5, 6], 1, None, None, LogitsMode::All).err().expect("refused");
+        let Err(err) = sm.forward(&[2, 5, 6], 1, None, None, LogitsMode::All) else {
+            panic!("{m}: a streamed model's ordinary forward must be refused");
+        };
         assert!(err.to_string().contains("streamed"), "{m}: {err}");
     }
 }
@@ -153,7 +168,8 @@ fn streamed_gradients_equal_ordinary() {
         for _ in 0..2 {
             be.fill(g2.vm(), 0.0).expect("zero");
             stream.grads.iter_mut().for_each(|g| *g = 0.0);
-            let got = sm.forward_backward_streamed(&batch, &mut st2, &mut g2, None, None, &mut stream).expect("streamed");
+            let got =
+                sm.forward_backward_streamed(&batch, &mut st2, &mut g2, None, None, &mut stream).expect("streamed");
             assert_eq!(got, want, "{m}: loss");
             let g = g2.to_f32_vec();
             assert!(g[sa..sb].iter().all(|&x| x == 0.0), "{m}: the slot's gradient is handed over and cleared");

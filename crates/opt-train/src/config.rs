@@ -163,6 +163,9 @@ pub struct ParallelSection {
     pub tp: usize,
     pub fsdp: usize,
     pub dp: usize,
+    /// With `fsdp > 1`: gather each layer just before use and free it after (ZeRO-3), instead
+    /// of keeping the whole slice gathered (ZeRO-2-like).
+    pub reshard_after_forward: bool,
 }
 
 impl ParallelSection {
@@ -172,6 +175,10 @@ impl ParallelSection {
     }
     pub fn world(&self) -> usize {
         self.tp * self.fsdp * self.dp
+    }
+    /// Whether the model streams its layers (ZeRO-3): fsdp > 1 and `reshard_after_forward`.
+    pub fn streams_layers(&self) -> bool {
+        self.fsdp > 1 && self.reshard_after_forward
     }
 }
 

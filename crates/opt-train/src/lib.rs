@@ -33,6 +33,7 @@ pub mod sample;
 pub mod schedule;
 pub mod tokfile;
 pub mod trainer;
+pub mod zero3;
 
 use std::path::{Path, PathBuf};
 

@@ -15,6 +15,14 @@
 //!   [`Parallel::grad_sum_squares`] the squared norm for clipping;
 //! - after AdamW on the window, [`Parallel::gather`] rebuilds the slice's parameters.
 //!
+//! With `parallel.reshard_after_forward` (FSDP's FULL_SHARD, ZeRO-3; the default when
+//! `fsdp > 1`) the rank never holds its whole slice: the model keeps its non-layer parameters
+//! and one layer slot ([`opt_model::ParamLayout::streamed`]), and [`crate::zero3`] fetches each
+//! layer just before its forward and backward ([`Parallel::gather_range`]) and reduce-scatters
+//! its gradient right after its backward ([`Parallel::reduce_range`], then
+//! [`Parallel::sum_over_replicas`] once per step). Windows, checkpoints and the optimizer are
+//! the same in both modes.
+//!
 //! A single process uses none of this (the trainer keeps its one-process path).
 
 use opt_model::{OptConfig, OptModel, ParamLayout};
@@ -66,8 +74,16 @@ pub trait Parallel<B: Backend>: Send {
     /// This rank's tensor-parallel slice of a whole flat buffer (parameters or AdamW moments in
     /// [`ParamLayout::new`] order).
     fn slice_flat(&self, cfg: &OptConfig, full: &[f32]) -> Result<Vec<f32>>;
-    /// The slice model from its flat parameters (weights in `dtype`, tensor-parallel hooks set).
-    fn model_from_slice(&self, backend: B, cfg: OptConfig, slice: &[f32], dtype: DType) -> Result<OptModel<B>>;
+    /// The slice model from its flat parameters (weights in `dtype`, tensor-parallel hooks set);
+    /// with `streamed`, in [`opt_model::ParamLayout::streamed`] form (the layers are not kept).
+    fn model_from_slice(
+        &self,
+        backend: B,
+        cfg: OptConfig,
+        slice: &[f32],
+        dtype: DType,
+        streamed: bool,
+    ) -> Result<OptModel<B>>;
     /// `[lo, hi)`: the part of a slice of `n` parameters this rank owns.
     fn window(&self, n: usize) -> (usize, usize);
     /// Sum `x` over the data ranks (same slice, other rows), in place.
@@ -80,6 +96,15 @@ pub trait Parallel<B: Backend>: Send {
     fn grad_sum_squares(&self, layout: &ParamLayout, window: &[f32]) -> Result<f64>;
     /// The slice's `n` parameters from every rank's window.
     fn gather(&self, window: &[f32], n: usize) -> Result<Vec<f32>>;
+    /// Range `[a, b)` of the slice's `n` parameters, whole, from every fsdp rank's part of it
+    /// (`mine`: this rank's window ∩ the range; an all-gather over the fsdp group).
+    fn gather_range(&self, mine: &[f32], n: usize, range: (usize, usize)) -> Result<Vec<f32>>;
+    /// `grads`: range `[a, b)` of this rank's slice gradient (its own rows) → this rank's
+    /// window ∩ the range, summed over the fsdp group (a reduce-scatter; the dp replicas are
+    /// summed afterwards by [`Parallel::sum_over_replicas`]).
+    fn reduce_range(&self, grads: &[f32], n: usize, range: (usize, usize)) -> Result<Vec<f32>>;
+    /// Sum `x` over the dp replicas of this shard, in place.
+    fn sum_over_replicas(&self, x: &mut [f32]) -> Result<()>;
     /// Whether `flag` is set on any rank.
     fn any(&self, flag: bool) -> Result<bool>;
     fn barrier(&self) -> Result<()>;

@@ -27,20 +27,49 @@ pub fn continue_text<B: Backend>(
     p: &SampleParams,
 ) -> Result<String> {
     let ids = tok.encode(prompt, true)?;
-    let ctx = model.cfg.max_position_embeddings;
-    let max_new = p.max_new_tokens.min(ctx.saturating_sub(ids.len()));
+    let max_new = p.max_new_tokens.min(model.cfg.max_position_embeddings.saturating_sub(ids.len()));
     if max_new == 0 {
         return Ok(String::new());
     }
+    let mut cache = KvCache::for_model(model, 1, ids.len() + max_new)?;
+    decode(tok, &ids, max_new, model.cfg.vocab_size, p, |x| {
+        let l = model.forward(x, 1, None, Some(&mut cache), LogitsMode::Last)?;
+        Ok(model.backend.to_f32(opt_tensor::Buffer::v(&l))?)
+    })
+}
+
+/// [`continue_text`] with the model's forward supplied (`forward(model, new ids, cache)` →
+/// last-position logits), for a model that needs more than `forward` (a streamed one).
+pub fn continue_text_with<B: Backend>(
+    model: &mut OptModel<B>,
+    tok: &OptTokenizer,
+    prompt: &str,
+    p: &SampleParams,
+    mut forward: impl FnMut(&mut OptModel<B>, &[u32], &mut KvCache<B>) -> Result<B::Buf>,
+) -> Result<String> {
+    let ids = tok.encode(prompt, true)?;
+    let max_new = p.max_new_tokens.min(model.cfg.max_position_embeddings.saturating_sub(ids.len()));
+    if max_new == 0 {
+        return Ok(String::new());
+    }
+    let mut cache = KvCache::for_model(model, 1, ids.len() + max_new)?;
     let v = model.cfg.vocab_size;
-    let mut cache = KvCache::new(&model.backend, &model.cfg, 1, ids.len() + max_new)?;
-    let mut logits = model.backend.to_f32(opt_tensor::Buffer::v(&model.forward(
-        &ids,
-        1,
-        None,
-        Some(&mut cache),
-        LogitsMode::Last,
-    )?))?;
+    decode(tok, &ids, max_new, v, p, |x| {
+        let l = forward(model, x, &mut cache)?;
+        Ok(model.backend.to_f32(opt_tensor::Buffer::v(&l))?)
+    })
+}
+
+/// The sampling loop over `step(new ids) → last-position logits`.
+fn decode(
+    tok: &OptTokenizer,
+    ids: &[u32],
+    max_new: usize,
+    v: usize,
+    p: &SampleParams,
+    mut step: impl FnMut(&[u32]) -> Result<Vec<f32>>,
+) -> Result<String> {
+    let mut logits = step(ids)?;
     let mut out = Vec::with_capacity(max_new);
     for i in 0..max_new {
         let next = pick(&logits[..v], p, i as u64);
@@ -51,8 +80,7 @@ pub fn continue_text<B: Backend>(
         if i + 1 == max_new {
             break;
         }
-        let l = model.forward(&[next], 1, None, Some(&mut cache), LogitsMode::Last)?;
-        logits = model.backend.to_f32(opt_tensor::Buffer::v(&l))?;
+        logits = step(&[next])?;
     }
     Ok(tok.decode(&out, true)?)
 }

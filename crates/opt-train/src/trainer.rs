@@ -28,6 +28,7 @@ use crate::parallel::{Parallel, RankInfo};
 use crate::plot::LossCurve;
 use crate::sample::{self, SampleParams};
 use crate::schedule::Schedule;
+use crate::zero3::{self, Zero3Stream};
 use crate::{Result, TrainError};
 
 /// Labels mixed into the seed for each random stream.
@@ -152,6 +153,13 @@ pub struct Trainer<B: Backend> {
     par: Option<Box<dyn Parallel<B>>>,
     window: (usize, usize),
     grad_window: Option<B::Buf>,
+    /// The slice's ordinary layout (the model's, unless it streams its layers).
+    slice: ParamLayout,
+    /// ZeRO-3 (`parallel.reshard_after_forward` with fsdp > 1): the model holds its non-layer
+    /// parameters and one layer slot; `grad_acc` collects the step's gradient window as each
+    /// layer's backward finishes (see [`crate::zero3`]).
+    zero3: bool,
+    grad_acc: Vec<f32>,
     acts: TrainState<B>,
     tok: Arc<OptTokenizer>,
     train: Loader,
@@ -259,14 +267,20 @@ impl<B: Backend> Trainer<B> {
                 let n = p.layout(&model_cfg).total();
                 let window = p.window(n);
                 let (slice, moments) = rank_state(p.as_ref(), &cfg, &model_cfg, loaded.as_mut(), window)?;
-                let model = p.model_from_slice(backend, model_cfg.clone(), &slice, compute)?;
+                let streamed = cfg.parallel.streams_layers();
+                let model = p.model_from_slice(backend, model_cfg.clone(), &slice, compute, streamed)?;
                 let master = Some(model.backend.from_f32(&slice[window.0..window.1], DType::F32)?);
                 (model, master, window, moments)
             }
         };
         let be = &model.backend;
         let (lo, hi) = window;
-        let mut opt = AdamWState::new_window(be, &model.layout, &cfg.optim, lo, hi)?;
+        let slice = match &par {
+            Some(p) => p.layout(&model_cfg),
+            None => model.layout.clone(),
+        };
+        let zero3 = model.layout.slot.is_some();
+        let mut opt = AdamWState::new_window(be, &slice, &cfg.optim, lo, hi)?;
         let n = model.layout.total();
         let grads = be.zeros(DType::F32, n)?;
         let grad16 = if cfg.train.precision == Precision::Fp16 { Some(be.zeros(DType::F16, hi - lo)?) } else { None };
@@ -360,6 +374,9 @@ impl<B: Backend> Trainer<B> {
             par,
             window,
             grad_window: None,
+            slice,
+            zero3,
+            grad_acc: if zero3 { vec![0.0; hi - lo] } else { Vec::new() },
             acts,
             tok,
             train,
@@ -405,7 +422,7 @@ impl<B: Backend> Trainer<B> {
         let buf = self.master.as_ref().unwrap_or(&self.model.params);
         let host = self.model.backend.to_f32(buf.v())?;
         match &self.par {
-            Some(p) => p.gather(&host, self.model.layout.total()),
+            Some(p) => p.gather(&host, self.slice.total()),
             None => Ok(host),
         }
     }
@@ -474,6 +491,9 @@ impl<B: Backend> Trainer<B> {
         // Forward and backward, accumulating the gradient of scale · mean loss over the step.
         let be = &self.model.backend;
         be.fill(self.grads.vm(), 0.0)?;
+        if self.zero3 {
+            self.grad_acc = vec![0.0; self.window.1 - self.window.0];
+        }
         let scale = loss_scale.unwrap_or(1.0);
         let per_token = (scale / count as f64) as f32;
         let drop_p = (self.cfg.model.dropout, self.cfg.model.attention_dropout);
@@ -489,8 +509,24 @@ impl<B: Backend> Trainer<B> {
                 DropoutCfg { p: drop_p.0, attn_p: drop_p.1, seed }
             });
             let tb = TrainBatch { ids: &b.ids, mask: &b.mask, targets: &b.targets, batch: b.rows, seq: b.seq };
-            let (sum, _) =
-                self.model.forward_backward(&tb, &mut self.acts, &mut self.grads, Some(per_token), drop.as_ref())?;
+            let (sum, _) = match (&self.par, &self.master) {
+                (Some(p), Some(master)) if self.zero3 => {
+                    let mut z =
+                        Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, Some(&mut self.grad_acc));
+                    let r = self.model.forward_backward_streamed(
+                        &tb,
+                        &mut self.acts,
+                        &mut self.grads,
+                        Some(per_token),
+                        drop.as_ref(),
+                        &mut z,
+                    );
+                    z.finish(r)?
+                }
+                _ => {
+                    self.model.forward_backward(&tb, &mut self.acts, &mut self.grads, Some(per_token), drop.as_ref())?
+                }
+            };
             loss_sum += sum;
         }
         if let Some(p) = &self.par {
@@ -499,15 +535,24 @@ impl<B: Backend> Trainer<B> {
             loss_sum = x[0] as f64;
         }
         let loss = loss_sum / count as f64;
+        let be = &self.model.backend;
         if let Some(Fault::NanGradient) = self.fault.as_mut().and_then(|f| f(s)) {
             be.fill(self.grads.at_mut(0, 1), f32::NAN)?;
         }
         let norm = match &self.par {
             None => optim::grad_norm(be, &self.grads)? / scale,
             Some(p) => {
-                // Reduce the gradient over the data ranks into this rank's window.
-                let w = p.reduce_grads(&be.to_f32(self.grads.v())?)?;
-                let sq = p.grad_sum_squares(&self.model.layout, &w)?;
+                // Reduce the gradient over the data ranks into this rank's window (ZeRO-3: the
+                // layers' parts were reduced during the backward; the rest now).
+                let w = if self.zero3 {
+                    let mut w = std::mem::take(&mut self.grad_acc);
+                    zero3::reduce_resident(p.as_ref(), be, &self.slice, self.window, &self.grads, &mut w)?;
+                    p.sum_over_replicas(&mut w)?;
+                    w
+                } else {
+                    p.reduce_grads(&be.to_f32(self.grads.v())?)?
+                };
+                let sq = p.grad_sum_squares(&self.slice, &w)?;
                 self.grad_window = Some(be.from_f32(&w, DType::F32)?);
                 sq.sqrt() / scale
             }
@@ -577,6 +622,12 @@ impl<B: Backend> Trainer<B> {
         {
             let OptModel { params, backend, layout, .. } = &mut self.model;
             match (self.master.as_mut(), &self.par, &self.grad_window) {
+                (Some(m), Some(p), Some(g)) if self.zero3 => {
+                    // Update this rank's window; the layers are gathered as the next step uses
+                    // them, the rest now.
+                    self.opt.update(backend, m, g, lr32, grad_scale)?;
+                    zero3::gather_resident(p.as_ref(), &self.slice, self.window, m, &mut self.model)?;
+                }
                 (Some(m), Some(p), Some(g)) => {
                     // Update this rank's window; gather the slice's new parameters.
                     self.opt.update(backend, m, g, lr32, grad_scale)?;
@@ -670,7 +721,10 @@ impl<B: Backend> Trainer<B> {
         let OptModel { params, backend, .. } = &mut self.model;
         if self.par.is_some() {
             let dtype = params.dtype();
-            *params = backend.from_f32(host, dtype)?;
+            *params = match self.zero3 {
+                true => backend.from_f32(&self.slice.streamed_host(host), dtype)?,
+                false => backend.from_f32(host, dtype)?,
+            };
             self.master = Some(backend.from_f32(&host[self.window.0..self.window.1], DType::F32)?);
             return Ok(());
         }
@@ -690,22 +744,25 @@ impl<B: Backend> Trainer<B> {
         if self.valid.is_empty() {
             return Ok(None);
         }
-        let be = &self.model.backend;
         let v = self.model.cfg.vocab_size;
         let (mut sum, mut count) = (0f64, 0usize);
         for b in &self.valid {
             let t = b.seq;
-            let mut losses = be.zeros(DType::F32, t)?;
+            let mut losses = self.model.backend.zeros(DType::F32, t)?;
             // One sequence at a time bounds the logits to T × V floats.
             for r in 0..b.rows {
                 let targets = &b.targets[r * t..(r + 1) * t];
-                let mut logits = self.model.forward(
-                    &b.ids[r * t..(r + 1) * t],
-                    1,
-                    Some(&b.mask[r * t..(r + 1) * t]),
-                    None,
-                    opt_model::LogitsMode::All,
-                )?;
+                let (ids, mask) = (&b.ids[r * t..(r + 1) * t], &b.mask[r * t..(r + 1) * t]);
+                let all = opt_model::LogitsMode::All;
+                let mut logits = match (&self.par, &self.master) {
+                    (Some(p), Some(master)) if self.zero3 => {
+                        let mut z = Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, None);
+                        let r = self.model.forward_streamed(ids, 1, Some(mask), None, all, &mut z);
+                        z.finish(r)?
+                    }
+                    _ => self.model.forward(ids, 1, Some(mask), None, all)?,
+                };
+                let be = &self.model.backend;
                 be.cross_entropy(logits.vm(), losses.vm(), targets, v, None)?;
                 sum += be.to_f32(losses.v())?.iter().map(|&x| x as f64).sum::<f64>();
                 count += targets.iter().filter(|&&x| x >= 0).count();
@@ -739,7 +796,7 @@ impl<B: Backend> Trainer<B> {
             None => checkpoint::save(&root, &mut snap, self.cfg.run.keep_last)?,
             Some(p) => {
                 let info = p.info();
-                let meta = checkpoint::ShardedMeta::new(info.tp, info.fsdp, info.dp, self.model.layout.total());
+                let meta = checkpoint::ShardedMeta::new(info.tp, info.fsdp, info.dp, self.slice.total());
                 let mut sync = |failed: bool| p.any(failed);
                 checkpoint::save_sharded(&root, &mut snap, self.cfg.run.keep_last, &info, &meta, &mut sync)?
             }
@@ -797,8 +854,9 @@ impl<B: Backend> Trainer<B> {
         write_atomic(&self.run_dir.join("loss.svg"), self.curve.svg(&title).as_bytes())
     }
 
-    /// Continue the configured prompts with the current model.
-    pub fn samples(&self) -> Result<Vec<(String, String)>> {
+    /// Continue the configured prompts with the current model (ZeRO-3: every layer is gathered
+    /// for each forward of the sampler).
+    pub fn samples(&mut self) -> Result<Vec<(String, String)>> {
         let sc = &self.cfg.sample;
         let mut out = Vec::with_capacity(sc.prompts.len());
         for (i, prompt) in sc.prompts.iter().enumerate() {
@@ -808,7 +866,18 @@ impl<B: Backend> Trainer<B> {
                 top_k: sc.top_k,
                 seed: rng::derive(rng::derive(self.state.seed, SAMPLE_LABEL), i as u64),
             };
-            out.push((prompt.clone(), sample::continue_text(&self.model, &self.tok, prompt, &p)?));
+            let text = match (&self.par, &self.master) {
+                (Some(par), Some(master)) if self.zero3 => {
+                    let (slice, window) = (&self.slice, self.window);
+                    sample::continue_text_with(&mut self.model, &self.tok, prompt, &p, |m, ids, cache| {
+                        let mut z = Zero3Stream::new(par.as_ref(), slice, window, master, None);
+                        let r = m.forward_streamed(ids, 1, None, Some(cache), opt_model::LogitsMode::Last, &mut z);
+                        z.finish(r)
+                    })?
+                }
+                _ => sample::continue_text(&self.model, &self.tok, prompt, &p)?,
+            };
+            out.push((prompt.clone(), text));
         }
         Ok(out)
     }

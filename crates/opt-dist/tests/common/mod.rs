@@ -76,12 +76,21 @@ pub fn run_threads<T: Send + 'static>(
 /// Five AdamW steps (clipping on) of the parity fixture under `plan`. Every data rank trains on
 /// its own copy of the fixture's row, so the global batch's mean equals the one-row loss.
 pub fn train(world: Arc<dyn Communicator>, plan: ParallelPlan) -> Vec<StepReport> {
+    train_with(world, plan, false)
+}
+
+/// [`train`]; with `zero3`, the trainer streams the layers (ZeRO-3) instead of keeping the slice.
+pub fn train_with(world: Arc<dyn Communicator>, plan: ParallelPlan, zero3: bool) -> Vec<StepReport> {
     let r = Reference::open();
     let model = load();
     plan.validate(world.size(), &model.cfg).expect("plan");
     let mesh = Mesh::new(world, plan).expect("mesh");
     let model = parallelize(model, mesh.tp.clone()).expect("parallelize");
     let mut t = ShardedTrainer::new(model, mesh, r.hp()).expect("trainer");
+    if zero3 {
+        t = t.streaming_layers().expect("ZeRO-3");
+        assert!(t.model.layout.slot.is_some());
+    }
     let ids = r.ids("train_ids");
     (0..5).map(|_| t.train_step(&ids, 1).expect("step")).collect()
 }
