@@ -54,7 +54,7 @@ mod save;
 mod sharded;
 pub mod torchzip;
 
-pub use save::{save_safetensors, save_safetensors_raw, save_safetensors_sharded};
+pub use save::{save_safetensors, save_safetensors_f32_streamed, save_safetensors_raw, save_safetensors_sharded};
 
 /// Element types found in checkpoint files. Only floating types can become OPT weights.
 ///

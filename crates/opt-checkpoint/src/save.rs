@@ -25,43 +25,50 @@ use crate::{io_err, tensor_err, CheckpointError, RawTensorWrite, Result, TensorW
 
 /// Builds the (padded) header for `tensors` and checks names and sizes.
 fn header(path: &Path, tensors: &[RawTensorWrite<'_>]) -> Result<Vec<u8>> {
+    let heads: Vec<Head<'_>> =
+        tensors.iter().map(|t| Head { name: &t.name, dtype: t.dtype, shape: &t.shape, bytes: t.bytes.len() }).collect();
+    header_of(path, &heads)
+}
+
+/// What the header says of one tensor: its data's length in bytes, not the data.
+struct Head<'a> {
+    name: &'a str,
+    dtype: crate::FileDType,
+    shape: &'a [usize],
+    bytes: usize,
+}
+
+fn header_of(path: &Path, tensors: &[Head<'_>]) -> Result<Vec<u8>> {
     let mut seen = HashSet::new();
     let mut h = String::from(r#"{"__metadata__":{"format":"pt"}"#);
     let mut offset = 0usize;
     for t in tensors {
         if t.name == "__metadata__" {
-            return Err(tensor_err(path, &t.name, "the name __metadata__ is reserved"));
+            return Err(tensor_err(path, t.name, "the name __metadata__ is reserved"));
         }
-        if !seen.insert(t.name.as_str()) {
-            return Err(tensor_err(path, &t.name, "appears twice"));
+        if !seen.insert(t.name) {
+            return Err(tensor_err(path, t.name, "appears twice"));
         }
         if !t.dtype.size_in_bits().is_multiple_of(8) {
-            return Err(tensor_err(path, &t.name, format!("writing {} (sub-byte) tensors is not supported", t.dtype)));
+            return Err(tensor_err(path, t.name, format!("writing {} (sub-byte) tensors is not supported", t.dtype)));
         }
         let elem = t.dtype.size_in_bits() / 8;
         let numel = t
             .shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
-            .ok_or_else(|| tensor_err(path, &t.name, format!("shape {:?} overflows", t.shape)))?;
+            .ok_or_else(|| tensor_err(path, t.name, format!("shape {:?} overflows", t.shape)))?;
         let want = numel.checked_mul(elem);
-        if want != Some(t.bytes.len()) {
+        if want != Some(t.bytes) {
             return Err(tensor_err(
                 path,
-                &t.name,
-                format!(
-                    "has {} bytes, but shape {:?} of {} needs {} × {}",
-                    t.bytes.len(),
-                    t.shape,
-                    t.dtype,
-                    numel,
-                    elem
-                ),
+                t.name,
+                format!("has {} bytes, but shape {:?} of {} needs {} × {}", t.bytes, t.shape, t.dtype, numel, elem),
             ));
         }
-        let end = offset + t.bytes.len();
-        let name = serde_json::to_string(&t.name)
-            .map_err(|e| tensor_err(path, &t.name, format!("name cannot be encoded: {e}")))?;
+        let end = offset + t.bytes;
+        let name = serde_json::to_string(t.name)
+            .map_err(|e| tensor_err(path, t.name, format!("name cannot be encoded: {e}")))?;
         let shape = t.shape.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         h.push_str(&format!(
             r#",{name}:{{"dtype":"{}","shape":[{shape}],"data_offsets":[{offset},{end}]}}"#,
@@ -128,6 +135,34 @@ pub fn save_safetensors_raw(path: &Path, tensors: &[RawTensorWrite<'_>]) -> Resu
         w.write_all(&header)?;
         for t in tensors {
             w.write_all(t.bytes)?;
+        }
+        Ok(())
+    })
+}
+
+/// A safetensors file of flat f32 tensors `(name, length)` whose data `fill(i)` produces in
+/// order, one at a time: only one tensor's data is in memory at once (a training shard's
+/// parameters and AdamW moments). Written atomically like [`save_safetensors`].
+pub fn save_safetensors_f32_streamed(
+    path: &Path,
+    tensors: &[(String, usize)],
+    fill: &mut dyn FnMut(usize) -> std::io::Result<Vec<f32>>,
+) -> Result<()> {
+    let shapes: Vec<[usize; 1]> = tensors.iter().map(|t| [t.1]).collect();
+    let heads: Vec<Head<'_>> = tensors
+        .iter()
+        .zip(&shapes)
+        .map(|(t, sh)| Head { name: &t.0, dtype: crate::FileDType::F32, shape: sh, bytes: t.1 * 4 })
+        .collect();
+    let header = header_of(path, &heads)?;
+    write_atomic(path, |w| {
+        w.write_all(&header)?;
+        for (i, (name, len)) in tensors.iter().enumerate() {
+            let x = fill(i)?;
+            if x.len() != *len {
+                return Err(std::io::Error::other(format!("{name}: {} values for a tensor of {len}", x.len())));
+            }
+            w.write_all(bytemuck::cast_slice(&x))?;
         }
         Ok(())
     })

@@ -381,19 +381,19 @@ pub fn reshard(src: &Path, dst: &Path, tp: usize, fsdp: usize) -> Result<()> {
     for t in 0..tp {
         for f in 0..fsdp {
             let w = window(n, fsdp, f);
-            let parts: Vec<Vec<f32>> =
-                SHARD_TENSORS.iter().map(|&(p, _)| source.window(p, tp, t, w)).collect::<Result<_>>()?;
-            let tensors: Vec<opt_checkpoint::TensorWrite<'_>> = SHARD_TENSORS
-                .iter()
-                .zip(&parts)
-                .map(|(&(_, nm), x)| opt_checkpoint::TensorWrite {
-                    name: nm.into(),
-                    dtype: DType::F32,
-                    shape: vec![x.len()],
-                    bytes: bytemuck::cast_slice(x),
+            // One window of one part in memory at a time.
+            let mut failed = None;
+            let r = tck::write_shard(&tck::shard_path(&tmp, t, f), w.1 - w.0, &mut |p| {
+                source.window(p, tp, t, w).map_err(|e| {
+                    let text = e.to_string();
+                    failed = Some(e);
+                    opt_train::TrainError::Checkpoint { path: tmp.clone(), detail: text }
                 })
-                .collect();
-            opt_checkpoint::save_safetensors(&tck::shard_path(&tmp, t, f), &tensors)?;
+            });
+            if let (Err(_), Some(e)) = (&r, failed) {
+                return Err(e);
+            }
+            r?;
         }
     }
     tck::write_sharded_common(&tmp, cfg, &ShardedMeta::new(tp, fsdp, dp, n), &config_toml, &state)?;

@@ -422,14 +422,15 @@ pub fn load_shard(dir: &Path, info: &RankInfo, slice_len: usize, (lo, hi): (usiz
 /// returns whether any rank failed (so every rank stops instead of waiting for a dead one).
 pub type SyncFn<'a> = &'a mut dyn FnMut(bool) -> Result<bool>;
 
-/// The sharded save (every rank calls it): `snap.fetch` gives this rank's windows; `meta`
-/// describes the layout.
+/// The sharded save (every rank calls it): `snap.fetch` gives this rank's windows (of
+/// `window_len` values each, fetched and written one at a time); `meta` describes the layout.
 pub fn save_sharded(
     root: &Path,
     snap: &mut Snapshot<'_>,
     keep_last: usize,
     info: &RankInfo,
     meta: &ShardedMeta,
+    window_len: usize,
     sync: SyncFn<'_>,
 ) -> Result<PathBuf> {
     let name = step_name(snap.state.step);
@@ -459,19 +460,7 @@ pub fn save_sharded(
         if !info.writes_shard() {
             return Ok(());
         }
-        let parts: Vec<Vec<f32>> = SHARD_TENSORS.iter().map(|&(p, _)| (snap.fetch)(p)).collect::<Result<_>>()?;
-        let tensors: Vec<TensorWrite<'_>> = SHARD_TENSORS
-            .iter()
-            .zip(&parts)
-            .map(|(&(_, n), x)| TensorWrite {
-                name: n.into(),
-                dtype: DType::F32,
-                shape: vec![x.len()],
-                bytes: bytemuck::cast_slice(x),
-            })
-            .collect();
-        opt_checkpoint::save_safetensors(&shard_path(&tmp, info.tp_rank, info.fsdp_rank), &tensors)?;
-        Ok(())
+        write_shard(&shard_path(&tmp, info.tp_rank, info.fsdp_rank), window_len, &mut |p| (snap.fetch)(p))
     })();
     phase(r, sync)?;
     // 3. Rank 0 writes the shared files, trainer.json last, and publishes the folder.
@@ -492,6 +481,24 @@ pub fn save_sharded(
     })();
     phase(r, sync)?;
     Ok(dst)
+}
+
+/// Write one shard file: the `params`, `exp_avg` and `exp_avg_sq` windows (`len` values each)
+/// that `fetch` gives, one at a time, so a save holds one window's host copy at once.
+pub fn write_shard(path: &Path, len: usize, fetch: &mut dyn FnMut(Part) -> Result<Vec<f32>>) -> Result<()> {
+    let heads: Vec<(String, usize)> = SHARD_TENSORS.iter().map(|&(_, n)| (n.to_string(), len)).collect();
+    let mut failed = None;
+    let r = opt_checkpoint::save_safetensors_f32_streamed(path, &heads, &mut |i| {
+        fetch(SHARD_TENSORS[i].0).map_err(|e| {
+            let text = e.to_string();
+            failed = Some(e);
+            std::io::Error::other(text)
+        })
+    });
+    match (r, failed) {
+        (Err(_), Some(e)) => Err(e),
+        (r, _) => Ok(r?),
+    }
 }
 
 /// Write a finished checkpoint folder's files for a sharded layout from whole-folder parts

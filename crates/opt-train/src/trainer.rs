@@ -553,7 +553,10 @@ impl<B: Backend> Trainer<B> {
                     p.reduce_grads(&be.to_f32(self.grads.v())?)?
                 };
                 let sq = p.grad_sum_squares(&self.slice, &w)?;
+                // Free the last step's window before filling the new one.
+                self.grad_window = None;
                 self.grad_window = Some(be.from_f32(&w, DType::F32)?);
+                drop(w);
                 sq.sqrt() / scale
             }
         };
@@ -798,7 +801,8 @@ impl<B: Backend> Trainer<B> {
                 let info = p.info();
                 let meta = checkpoint::ShardedMeta::new(info.tp, info.fsdp, info.dp, self.slice.total());
                 let mut sync = |failed: bool| p.any(failed);
-                checkpoint::save_sharded(&root, &mut snap, self.cfg.run.keep_last, &info, &meta, &mut sync)?
+                let len = self.window.1 - self.window.0;
+                checkpoint::save_sharded(&root, &mut snap, self.cfg.run.keep_last, &info, &meta, len, &mut sync)?
             }
         };
         self.last_saved = Some(self.state.step);
@@ -1171,17 +1175,25 @@ fn rank_state<B: Backend>(
     (lo, hi): (usize, usize),
 ) -> Result<(Vec<f32>, Option<Moments>)> {
     let n = p.layout(model_cfg).total();
+    // Without tensor parallelism the slice is the whole model: no copy.
+    let slice_of = |full: Vec<f32>| -> Result<Vec<f32>> {
+        if p.info().tp == 1 {
+            Ok(full)
+        } else {
+            p.slice_flat(model_cfg, &full)
+        }
+    };
     match loaded {
         Some(l) if l.windowed => {
             let slice = p.gather(&l.params, n)?;
             Ok((slice, Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v)))))
         }
         Some(l) => {
-            let slice = p.slice_flat(model_cfg, &l.params)?;
-            let m = p.slice_flat(model_cfg, &l.m)?[lo..hi].to_vec();
-            let v = p.slice_flat(model_cfg, &l.v)?[lo..hi].to_vec();
+            let slice = slice_of(std::mem::take(&mut l.params))?;
+            let m = slice_of(std::mem::take(&mut l.m))?[lo..hi].to_vec();
+            let v = slice_of(std::mem::take(&mut l.v))?[lo..hi].to_vec();
             Ok((slice, Some((m, v))))
         }
-        None => Ok((p.slice_flat(model_cfg, &initial_params(cfg, model_cfg)?)?, None)),
+        None => Ok((slice_of(initial_params(cfg, model_cfg)?)?, None)),
     }
 }
