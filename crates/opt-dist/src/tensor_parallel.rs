@@ -83,7 +83,8 @@ pub fn from_shard<B: Backend + 'static>(
 }
 
 /// [`from_shard`]; with `streamed`, the model holds only the non-layer parameters and one layer
-/// slot (`ParamLayout::streamed`, for FSDP / ZeRO-3): the layers of `local` are not uploaded.
+/// slot (`ParamLayout::streamed`, for FSDP / ZeRO-3): `local` is the shard (whose layers are
+/// not uploaded) or already its streamed buffer.
 pub fn from_shard_with<B: Backend + 'static>(
     backend: B,
     cfg: opt_model::OptConfig,
@@ -93,6 +94,13 @@ pub fn from_shard_with<B: Backend + 'static>(
     streamed: bool,
 ) -> Result<OptModel<B>> {
     let layout = ParamLayout::sharded(&cfg, tp.size());
+    // A streamed model may also be given its streamed buffer directly.
+    if streamed && local.len() == layout.streamed().total() && local.len() != layout.total() {
+        let params = backend.from_f32(local, dtype)?;
+        let hooks: Option<Arc<dyn ParallelHooks<B>>> =
+            if tp.size() > 1 { Some(Arc::new(TpHooks { comm: tp })) } else { None };
+        return Ok(OptModel { cfg, layout: layout.streamed(), params, backend, hooks, quant: None });
+    }
     if local.len() != layout.total() {
         return Err(crate::DistError::Config {
             key: "tp",

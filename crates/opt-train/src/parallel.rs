@@ -75,7 +75,8 @@ pub trait Parallel<B: Backend>: Send {
     /// [`ParamLayout::new`] order).
     fn slice_flat(&self, cfg: &OptConfig, full: &[f32]) -> Result<Vec<f32>>;
     /// The slice model from its flat parameters (weights in `dtype`, tensor-parallel hooks set);
-    /// with `streamed`, in [`opt_model::ParamLayout::streamed`] form (the layers are not kept).
+    /// with `streamed`, in [`opt_model::ParamLayout::streamed`] form: `slice` is then the whole
+    /// slice (whose layers are not kept) or already the streamed buffer.
     fn model_from_slice(
         &self,
         backend: B,

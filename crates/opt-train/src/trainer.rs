@@ -266,11 +266,11 @@ impl<B: Backend> Trainer<B> {
             Some(p) => {
                 let n = p.layout(&model_cfg).total();
                 let window = p.window(n);
-                let (slice, moments) = rank_state(p.as_ref(), &cfg, &model_cfg, loaded.as_mut(), window)?;
                 let streamed = cfg.parallel.streams_layers();
-                let model = p.model_from_slice(backend, model_cfg.clone(), &slice, compute, streamed)?;
-                let master = Some(model.backend.from_f32(&slice[window.0..window.1], DType::F32)?);
-                (model, master, window, moments)
+                let r = rank_state(p.as_ref(), &cfg, &model_cfg, loaded.as_mut(), window, streamed)?;
+                let model = p.model_from_slice(backend, model_cfg.clone(), &r.model, compute, streamed)?;
+                let master = Some(model.backend.from_f32(&r.master, DType::F32)?);
+                (model, master, window, r.moments)
             }
         };
         let be = &model.backend;
@@ -676,11 +676,18 @@ impl<B: Backend> Trainer<B> {
         let (to_step, from) = match checkpoint::latest(&ck_root)? {
             Some(dir) => {
                 let mut l = load_checkpoint(self.par.as_deref(), &dir)?;
-                let (host, moments) = match &self.par {
-                    Some(p) => rank_state(p.as_ref(), &self.cfg, &self.model.cfg, Some(&mut l), self.window)?,
-                    None => (std::mem::take(&mut l.params), Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v)))),
+                let moments = match &self.par {
+                    Some(p) => {
+                        let r =
+                            rank_state(p.as_ref(), &self.cfg, &self.model.cfg, Some(&mut l), self.window, self.zero3)?;
+                        self.upload_rank(&r.model, &r.master)?;
+                        r.moments
+                    }
+                    None => {
+                        self.upload(&std::mem::take(&mut l.params))?;
+                        Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v)))
+                    }
                 };
-                self.upload(&host)?;
                 let be = &self.model.backend;
                 if let Some((m, v)) = moments {
                     self.opt.m = be.from_f32(&m, DType::F32)?;
@@ -691,14 +698,16 @@ impl<B: Backend> Trainer<B> {
                 (self.state.step, dir.display().to_string())
             }
             None => {
-                let host = match &self.par {
-                    Some(p) => rank_state(p.as_ref(), &self.cfg, &self.model.cfg, None, self.window)?.0,
-                    None => initial_params(&self.cfg, &self.model.cfg)?,
-                };
                 be.fill(self.opt.m.vm(), 0.0)?;
                 be.fill(self.opt.v.vm(), 0.0)?;
                 self.opt.updates = 0;
-                self.upload(&host)?;
+                match &self.par {
+                    Some(p) => {
+                        let r = rank_state(p.as_ref(), &self.cfg, &self.model.cfg, None, self.window, self.zero3)?;
+                        self.upload_rank(&r.model, &r.master)?;
+                    }
+                    None => self.upload(&initial_params(&self.cfg, &self.model.cfg)?)?,
+                }
                 let scaler = self.state.scaler.as_ref().map(|_| LossScaler::new(&self.cfg.fp16));
                 self.state = TrainerState::new(self.cfg.train.seed, scaler);
                 (0, "the initial weights (no checkpoint yet)".to_string())
@@ -718,19 +727,19 @@ impl<B: Backend> Trainer<B> {
         Ok(to_step)
     }
 
-    /// Replace the master weights (and the compute copy) with host f32 values (in a multi-rank
-    /// run: this rank's whole tensor-parallel slice, of which it keeps its window as master).
+    /// A multi-rank run: replace the model's parameters (`model`: the slice, or its streamed
+    /// buffer under ZeRO-3; see [`RankParams`]) and the master window.
+    fn upload_rank(&mut self, model: &[f32], master: &[f32]) -> Result<()> {
+        let OptModel { params, backend, .. } = &mut self.model;
+        let dtype = params.dtype();
+        *params = backend.from_f32(model, dtype)?;
+        self.master = Some(backend.from_f32(master, DType::F32)?);
+        Ok(())
+    }
+
+    /// Replace the master weights (and the compute copy) with host f32 values (one process).
     fn upload(&mut self, host: &[f32]) -> Result<()> {
         let OptModel { params, backend, .. } = &mut self.model;
-        if self.par.is_some() {
-            let dtype = params.dtype();
-            *params = match self.zero3 {
-                true => backend.from_f32(&self.slice.streamed_host(host), dtype)?,
-                false => backend.from_f32(host, dtype)?,
-            };
-            self.master = Some(backend.from_f32(&host[self.window.0..self.window.1], DType::F32)?);
-            return Ok(());
-        }
         let fresh = backend.from_f32(host, DType::F32)?;
         match self.master.as_mut() {
             Some(m) => {
@@ -1163,18 +1172,31 @@ fn load_checkpoint<B: Backend>(par: Option<&dyn Parallel<B>>, dir: &Path) -> Res
 /// AdamW's first and second moments, host copies.
 type Moments = (Vec<f32>, Vec<f32>);
 
-/// A multi-rank run's starting point: this rank's whole tensor-parallel slice of the parameters
-/// and, from a checkpoint, its window of the AdamW moments. From a sharded checkpoint the slice
-/// is gathered from the fsdp windows (a collective); from a one-process checkpoint or the
-/// initial weights it is cut from the whole model.
+/// A multi-rank run's starting parameters on this rank.
+struct RankParams {
+    /// The model's buffer: the whole tensor-parallel slice, or under ZeRO-3 its streamed form
+    /// (non-layer parameters, empty layer slot).
+    model: Vec<f32>,
+    /// This rank's window of the slice: its f32 master weights.
+    master: Vec<f32>,
+    /// From a checkpoint: the window of the AdamW moments.
+    moments: Option<Moments>,
+}
+
+/// A multi-rank run's starting point. From a sharded checkpoint the rank reads its own window
+/// and gathers the rest of what its model holds from the other fsdp ranks (a collective): the
+/// whole slice, or under ZeRO-3 (`streamed`) only the non-layer parameters. From a one-process
+/// checkpoint or the initial weights the slice is cut from the whole model.
 fn rank_state<B: Backend>(
     p: &dyn Parallel<B>,
     cfg: &TrainConfig,
     model_cfg: &OptConfig,
     loaded: Option<&mut checkpoint::Loaded>,
     (lo, hi): (usize, usize),
-) -> Result<(Vec<f32>, Option<Moments>)> {
-    let n = p.layout(model_cfg).total();
+    streamed: bool,
+) -> Result<RankParams> {
+    let layout = p.layout(model_cfg);
+    let n = layout.total();
     // Without tensor parallelism the slice is the whole model: no copy.
     let slice_of = |full: Vec<f32>| -> Result<Vec<f32>> {
         if p.info().tp == 1 {
@@ -1183,17 +1205,32 @@ fn rank_state<B: Backend>(
             p.slice_flat(model_cfg, &full)
         }
     };
-    match loaded {
+    let (whole, moments) = match loaded {
         Some(l) if l.windowed => {
-            let slice = p.gather(&l.params, n)?;
-            Ok((slice, Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v)))))
+            let master = std::mem::take(&mut l.params);
+            let moments = Some((std::mem::take(&mut l.m), std::mem::take(&mut l.v)));
+            let model = if streamed {
+                let mut out = vec![0f32; layout.streamed().total()];
+                for (a, b, at) in layout.resident_ranges() {
+                    let (x, y) = (a.max(lo), b.min(hi));
+                    let mine = if x < y { &master[x - lo..y - lo] } else { &[][..] };
+                    out[at..at + b - a].copy_from_slice(&p.gather_range(mine, n, (a, b))?);
+                }
+                out
+            } else {
+                p.gather(&master, n)?
+            };
+            return Ok(RankParams { model, master, moments });
         }
         Some(l) => {
-            let slice = slice_of(std::mem::take(&mut l.params))?;
+            let whole = slice_of(std::mem::take(&mut l.params))?;
             let m = slice_of(std::mem::take(&mut l.m))?[lo..hi].to_vec();
             let v = slice_of(std::mem::take(&mut l.v))?[lo..hi].to_vec();
-            Ok((slice, Some((m, v))))
+            (whole, Some((m, v)))
         }
-        None => Ok((slice_of(initial_params(cfg, model_cfg)?)?, None)),
-    }
+        None => (slice_of(initial_params(cfg, model_cfg)?)?, None),
+    };
+    let master = whole[lo..hi].to_vec();
+    let model = if streamed { layout.streamed_host(&whole) } else { whole };
+    Ok(RankParams { model, master, moments })
 }
