@@ -44,6 +44,18 @@ fn nccl_one_rank_collectives() {
 #[test]
 #[ignore = "needs a CUDA GPU and libnccl"]
 fn nccl_one_rank_train_steps_match_torch() {
+    train_steps_match_torch(false);
+}
+
+/// The same with the layers streamed (ZeRO-3 on one rank: every layer gathered from the one
+/// shard, its gradient reduced into it).
+#[test]
+#[ignore = "needs a CUDA GPU and libnccl"]
+fn nccl_one_rank_zero3_train_steps_match_torch() {
+    train_steps_match_torch(true);
+}
+
+fn train_steps_match_torch(zero3: bool) {
     let r = Reference::open();
     let be = match opt_cuda::CudaBackend::new(0) {
         Ok(b) => b,
@@ -55,6 +67,9 @@ fn nccl_one_rank_train_steps_match_torch() {
     let mesh = Mesh::new(nccl_world(), plan).expect("mesh");
     let model = parallelize(model, mesh.tp.clone()).expect("parallelize");
     let mut t = ShardedTrainer::new(model, mesh, r.hp()).expect("trainer");
+    if zero3 {
+        t = t.streaming_layers().expect("ZeRO-3");
+    }
     let ids = r.ids("train_ids");
     let (want, norms) = (r.f32s("adamw_clip_losses"), r.f32s("adamw_clip_grad_norms"));
     for i in 0..5 {
