@@ -119,7 +119,7 @@ fn sharded_losses_match_one_process() {
     let one = single(config(&dir.path().join("one"), &data, ParallelPlan::default(), 4, &[]), false);
     assert_eq!(one.len(), 4);
     assert!(one.iter().all(|&(_, n)| n > 0.5), "clipping must act: norms {one:?}");
-    for (tp, fsdp, dp) in [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2)] {
+    for (tp, fsdp, dp) in [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2)] {
         let plan = ParallelPlan { tp, fsdp, dp };
         let run = dir.path().join(format!("tp{tp}fsdp{fsdp}dp{dp}"));
         let ranks = sharded(config(&run, &data, plan, 4, &[]), false);
