@@ -132,10 +132,17 @@ pub struct ModelInfo {
 
 impl ModelInfo {
     pub fn new(cfg: &OptConfig) -> Self {
+        Self::with_kv_width(cfg, cfg.hidden_size)
+    }
+
+    /// For a model whose caches hold `width` values per position and layer (a tensor-parallel
+    /// rank caches only its heads: `hidden_size / tp`, so the same `--kv-cache-bytes` per
+    /// process admits `tp` times the tokens).
+    pub fn with_kv_width(cfg: &OptConfig, width: usize) -> Self {
         ModelInfo {
             context: cfg.max_position_embeddings,
             vocab: cfg.vocab_size,
-            kv_bytes_per_position: 2 * cfg.num_hidden_layers * cfg.hidden_size * DType::F32.size_in_bytes(),
+            kv_bytes_per_position: 2 * cfg.num_hidden_layers * width * DType::F32.size_in_bytes(),
         }
     }
 
@@ -229,7 +236,8 @@ pub(crate) fn spawn<B: Backend + 'static>(
     if tokenizer.vocab_size() > model.cfg.vocab_size {
         return Err(ServeError::TokenizerMismatch { tokenizer: tokenizer.vocab_size(), model: model.cfg.vocab_size });
     }
-    let info = ModelInfo::new(&model.cfg);
+    // The caches the runner allocates (`KvCache::for_model`): this rank's heads only.
+    let info = ModelInfo::with_kv_width(&model.cfg, model.layout.attn_dim);
     let metrics = Arc::new(Metrics::new(options.kv_cache_bytes));
     // The channel holds at most the queue's worth of jobs; the `queued` counter is the real bound.
     let (tx, rx) = mpsc::sync_channel(options.max_queue.max(1));
@@ -845,4 +853,18 @@ fn advance(seq: &mut Seq, req: &Req, tok: &OptTokenizer, eos: u32, raw: &[f32]) 
     }
     seq.next = token;
     Ok(Advance { token, record, delta, finish })
+}
+
+#[cfg(test)]
+mod kv_budget_tests {
+    use super::ModelInfo;
+
+    #[test]
+    fn a_tensor_parallel_rank_budgets_its_heads_only() {
+        let cfg = opt_model::OptConfig::preset("125m").expect("preset");
+        let whole = ModelInfo::new(&cfg);
+        assert_eq!(whole.kv_bytes_per_position, 2 * 12 * 768 * 4);
+        let half = ModelInfo::with_kv_width(&cfg, opt_model::ParamLayout::sharded(&cfg, 2).attn_dim);
+        assert_eq!(half.kv_bytes_per_position * 2, whole.kv_bytes_per_position);
+    }
 }
