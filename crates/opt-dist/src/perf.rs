@@ -10,7 +10,13 @@
 //!   `b·s·h` bf16 activations over NVLink (ring: `2·(tp−1)/tp` of the bytes), not overlapped;
 //! - FSDP: all-gather of the parameters twice (forward, backward) and a reduce-scatter of the
 //!   gradients, `(fsdp−1)/fsdp · 2 bytes · P/tp` each over the network, overlapped with compute
-//!   except for `1 − overlap` of it.
+//!   except for `1 − overlap` of it (ZeRO-3, `parallel.reshard_after_forward = true`); with the
+//!   slice kept gathered between forward and backward (ZeRO-2-like, as the OPT runs did) one
+//!   all-gather and one reduce-scatter.
+//! - memory per GPU for the model state (activations excluded), as opt-rs holds it: f32 master
+//!   weights, AdamW moments and gradient window (16 bytes per parameter over `tp · fsdp`), plus
+//!   the bf16 parameters and f32 gradient the model computes with (6 bytes per parameter over
+//!   `tp`): under ZeRO-3 only the embedding and one layer's, under ZeRO-2 the whole slice's.
 //!
 //! MFU counts the model FLOPs only (`6·P·tokens` + attention, no recompute), as the OPT paper's
 //! 147 TFLOP/s/GPU does.
@@ -40,6 +46,7 @@ pub struct Workload {
     /// Tokens per optimizer step over all GPUs.
     pub tokens: f64,
     pub recompute: bool,
+    pub vocab: f64,
     /// Fraction of FSDP traffic hidden behind compute.
     pub overlap: f64,
 }
@@ -52,6 +59,7 @@ pub const OPT_175B: Workload = Workload {
     seq: 2048.0,
     tokens: 2.0 * 1024.0 * 1024.0,
     recompute: true,
+    vocab: 50272.0,
     overlap: 0.8,
 };
 
@@ -64,9 +72,23 @@ pub struct Estimate {
     /// Achieved model TFLOP/s per GPU.
     pub tflops: f64,
     pub mfu: f64,
+    /// Model state per GPU (master weights, moments, gradients, gathered slice), GB.
+    pub state_gb: f64,
+}
+
+/// FSDP's parameter handling: `Zero3` gathers each layer for its forward and again for its
+/// backward; `Zero2` keeps the slice gathered between them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fsdp {
+    Zero3,
+    Zero2,
 }
 
 pub fn estimate(w: &Workload, d: &Device, gpus: usize, tp: usize) -> Estimate {
+    estimate_with(w, d, gpus, tp, Fsdp::Zero3)
+}
+
+pub fn estimate_with(w: &Workload, d: &Device, gpus: usize, tp: usize, mode: Fsdp) -> Estimate {
     let n = gpus as f64;
     let tpf = tp as f64;
     let fsdp = n / tpf;
@@ -81,35 +103,47 @@ pub fn estimate(w: &Workload, d: &Device, gpus: usize, tp: usize) -> Estimate {
     let act_bytes = 2.0 * w.hidden * tok_gpu * tpf;
     let tp_s = if tp > 1 { w.layers * (4.0 + 2.0 * rc) * 2.0 * (tpf - 1.0) / tpf * act_bytes / d.nvlink } else { 0.0 };
     let shard_bytes = 2.0 * w.params / tpf;
-    let fsdp_raw = if fsdp > 1.0 { 3.0 * (fsdp - 1.0) / fsdp * shard_bytes / d.network } else { 0.0 };
+    let passes = if mode == Fsdp::Zero3 { 3.0 } else { 2.0 };
+    let fsdp_raw = if fsdp > 1.0 { passes * (fsdp - 1.0) / fsdp * shard_bytes / d.network } else { 0.0 };
     // At most `overlap` of the traffic hides, and never more than the compute it hides behind.
     let fsdp_s = (fsdp_raw - w.overlap * compute_s).max((1.0 - w.overlap) * fsdp_raw);
     let step_s = compute_s + tp_s + fsdp_s;
     let tflops = model_flops / step_s / 1e12;
-    Estimate { step_s, compute_s, tp_s, fsdp_s, tflops, mfu: tflops * 1e12 / d.peak }
+    let held = if mode == Fsdp::Zero2 || fsdp <= 1.0 { w.params } else { w.vocab * w.hidden + w.params / w.layers };
+    let state_gb = (16.0 * w.params / n + 6.0 * held / tpf) / 1e9;
+    Estimate { step_s, compute_s, tp_s, fsdp_s, tflops, mfu: tflops * 1e12 / d.peak, state_gb }
 }
 
 /// The table `opt-rs dist model` prints.
 pub fn table() -> String {
-    let mut s = String::from("device     gpus   tp  fsdp   step(s)  compute   tp-comm  fsdp-comm  TFLOP/s/GPU   MFU\n");
+    let mut s = String::from(
+        "device     gpus   tp  fsdp  mode    step(s)  compute   tp-comm  fsdp-comm  TFLOP/s/GPU   MFU  state GB/GPU\n",
+    );
     for (d, gpus) in [(A100, 1024usize), (H100, 1024)] {
         for tp in [1usize, 2, 4, 8] {
-            let e = estimate(&OPT_175B, &d, gpus, tp);
-            s.push_str(&format!(
-                "{:<10} {:>5} {:>4} {:>5} {:>9.1} {:>8.1} {:>9.1} {:>10.1} {:>12.0} {:>5.0}%\n",
-                d.name,
-                gpus,
-                tp,
-                gpus / tp,
-                e.step_s,
-                e.compute_s,
-                e.tp_s,
-                e.fsdp_s,
-                e.tflops,
-                e.mfu * 100.0
-            ));
+            for (mode, name) in [(Fsdp::Zero3, "zero3"), (Fsdp::Zero2, "zero2")] {
+                let e = estimate_with(&OPT_175B, &d, gpus, tp, mode);
+                s.push_str(&format!(
+                    "{:<10} {:>5} {:>4} {:>5}  {:<5} {:>9.1} {:>8.1} {:>9.1} {:>10.1} {:>12.0} {:>5.0}% {:>13.1}\n",
+                    d.name,
+                    gpus,
+                    tp,
+                    gpus / tp,
+                    name,
+                    e.step_s,
+                    e.compute_s,
+                    e.tp_s,
+                    e.fsdp_s,
+                    e.tflops,
+                    e.mfu * 100.0,
+                    e.state_gb
+                ));
+            }
         }
     }
-    s.push_str("OPT-175B reported 147 TFLOP/s/GPU on 992 A100-80G (tp = 8, FSDP over the rest).\n");
+    s.push_str("OPT-175B reported 147 TFLOP/s/GPU on 992 A100-80G (tp = 8, FSDP over the rest, parameters kept\n");
+    s.push_str("gathered between forward and backward, gradients reduce-scattered layer by layer). State: master\n");
+    s.push_str("weights, moments and gradient shards, plus the bf16 parameters and f32 gradient opt-rs computes\n");
+    s.push_str("with (zero2 keeps the whole slice's; activations excluded).\n");
     s
 }
