@@ -86,8 +86,10 @@ step ors_train_125m 60 "$OPT" bench --device cuda --preset 125m --dtype bf16 --w
 step ors_decode_125m 40 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 128 --reps 2
 step ors_generate_125m_b32 40 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 32 --prompt 128 --new-tokens 128 --reps 2
 step ors_decode_1.3b 60 "$OPT" bench --device cuda --preset 1.3b --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 128 --reps 2
-# 8 x 2048 does not fit 1.3b while attention keeps its probabilities (24 x 4.3 GB f32).
+# 8 x 2048 does not fit 1.3b while attention keeps its probabilities (24 x 4.3 GB f32);
+# with activation recomputation only one layer's activations are kept (about 10 GB).
 step ors_train_1.3b_b2 60 "$OPT" bench --device cuda --preset 1.3b --dtype bf16 --what train --batch 2 --seq 2048 --steps 3
+[[ $MODE == full ]] && step ors_train_1.3b_b8_recompute 90 "$OPT" bench --device cuda --preset 1.3b --dtype bf16 --what train --batch 8 --seq 2048 --steps 3 --recompute
 # where the time goes: every operation synchronised and timed (slower than the runs above)
 step prof_train_125m 40 env OPT_RS_CUDA_PROFILE=1 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what train --batch 8 --seq 2048 --steps 1
 step prof_decode_125m 40 env OPT_RS_CUDA_PROFILE=1 "$OPT" bench --device cuda --preset 125m --dtype bf16 --what decode --batch 1 --prompt 128 --new-tokens 64 --reps 2

@@ -129,6 +129,55 @@ pub struct LayerActs<B: Backend> {
 }
 
 impl<B: Backend> LayerActs<B> {
+    /// Only the layer input, `n_c` floats (a recomputed layer's saved state).
+    fn input_only(be: &B, n_c: usize) -> Result<Self> {
+        let z = |len: usize| be.zeros(DType::F32, len).map_err(ModelError::from);
+        Ok(LayerActs {
+            x_in: z(n_c)?,
+            ln1_out: z(0)?,
+            ln1_mean: z(0)?,
+            ln1_rstd: z(0)?,
+            q: z(0)?,
+            k: z(0)?,
+            v: z(0)?,
+            probs: z(0)?,
+            attn_y: z(0)?,
+            resid1: z(0)?,
+            ln2_out: z(0)?,
+            ln2_mean: z(0)?,
+            ln2_rstd: z(0)?,
+            fc1_pre: z(0)?,
+            fc1_act: z(0)?,
+            resid2: z(0)?,
+            tmp: z(0)?,
+        })
+    }
+
+    fn floats(&self) -> usize {
+        [
+            &self.x_in,
+            &self.ln1_out,
+            &self.ln1_mean,
+            &self.ln1_rstd,
+            &self.q,
+            &self.k,
+            &self.v,
+            &self.probs,
+            &self.attn_y,
+            &self.resid1,
+            &self.ln2_out,
+            &self.ln2_mean,
+            &self.ln2_rstd,
+            &self.fc1_pre,
+            &self.fc1_act,
+            &self.resid2,
+            &self.tmp,
+        ]
+        .iter()
+        .map(|b| b.len())
+        .sum()
+    }
+
     fn new(be: &B, cfg: &OptConfig, batch: usize, t: usize, keep_probs: bool) -> Result<Self> {
         let n = batch * t;
         let c = cfg.hidden_size;
@@ -158,10 +207,20 @@ impl<B: Backend> LayerActs<B> {
 
 /// Everything the training step keeps between forward and backward, plus backward scratch.
 /// Allocated once per (batch, seq) shape and reused across steps.
+///
+/// With activation recomputation ([`TrainState::with_recompute`], metaseq's activation
+/// checkpointing) each layer keeps only its input between forward and backward; the layer's
+/// forward runs again just before its backward, into one shared set of activations. The
+/// gradients are bit-identical (every kernel is deterministic and dropout masks are a
+/// function of the seed, layer and site), for one more forward pass per step.
 pub struct TrainState<B: Backend> {
     pub batch: usize,
     pub seq: usize,
     pub layers: Vec<LayerActs<B>>,
+    /// Recomputation: the one full set of layer activations (`layers` hold only `x_in`).
+    scratch: Option<LayerActs<B>>,
+    /// Recomputation: where the re-run forward writes the layer output (not needed again).
+    recompute_out: B::Buf,
     /// Token embedding rows `[N, Dp]` (input of `project_in` when present).
     pub emb: B::Buf,
     /// Output of the last layer `[N, C]`.
@@ -192,6 +251,12 @@ pub struct TrainState<B: Backend> {
 
 impl<B: Backend> TrainState<B> {
     pub fn new(model: &OptModel<B>, batch: usize, seq: usize) -> Result<Self> {
+        Self::with_recompute(model, batch, seq, false)
+    }
+
+    /// [`TrainState::new`]; with `recompute`, layers keep only their input and are recomputed
+    /// in the backward pass (see the type's documentation).
+    pub fn with_recompute(model: &OptModel<B>, batch: usize, seq: usize, recompute: bool) -> Result<Self> {
         let cfg = &model.cfg;
         let be = &model.backend;
         let n = batch * seq;
@@ -199,12 +264,18 @@ impl<B: Backend> TrainState<B> {
         let z = |len: usize| be.zeros(DType::F32, len).map_err(ModelError::from);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for _ in 0..cfg.num_hidden_layers {
-            layers.push(LayerActs::new(be, cfg, batch, seq, true)?);
+            layers.push(match recompute {
+                true => LayerActs::input_only(be, n * c)?,
+                false => LayerActs::new(be, cfg, batch, seq, true)?,
+            });
         }
+        let scratch = if recompute { Some(LayerActs::new(be, cfg, batch, seq, true)?) } else { None };
         Ok(TrainState {
             batch,
             seq,
             layers,
+            scratch,
+            recompute_out: z(if recompute { n * c } else { 0 })?,
             emb: z(n * dp)?,
             x_last: z(n * c)?,
             xf: z(n * c)?,
@@ -229,6 +300,33 @@ impl<B: Backend> TrainState<B> {
             dlnw: z(c)?,
             dlnb: z(c)?,
         })
+    }
+
+    /// Whether layers are recomputed in the backward pass.
+    pub fn recomputes(&self) -> bool {
+        self.scratch.is_some()
+    }
+
+    /// Floats the layers keep between forward and backward (every layer's saved activations;
+    /// with recomputation their inputs plus the one shared set).
+    pub fn saved_layer_floats(&self) -> usize {
+        self.layers.iter().chain(self.scratch.as_ref()).map(LayerActs::floats).sum()
+    }
+
+    /// Swap layer `li`'s kept input into the shared full set and that set into place
+    /// (recomputation only; undone by [`TrainState::park`]).
+    fn unpark(&mut self, li: usize) {
+        if let Some(s) = self.scratch.as_mut() {
+            std::mem::swap(&mut self.layers[li].x_in, &mut s.x_in);
+            std::mem::swap(&mut self.layers[li], s);
+        }
+    }
+
+    fn park(&mut self, li: usize) {
+        if let Some(s) = self.scratch.as_mut() {
+            std::mem::swap(&mut self.layers[li], s);
+            std::mem::swap(&mut self.layers[li].x_in, &mut s.x_in);
+        }
     }
 }
 
@@ -1050,7 +1148,7 @@ impl<B: Backend> OptModel<B> {
         }
         let out = self.train_head(batch, st, grads, loss_scale)?;
         for li in (0..nl).rev() {
-            self.layer_backward(li, st, grads, batch.batch, batch.seq, drop)?;
+            self.train_layer_backward(li, batch, st, grads, drop)?;
         }
         self.train_embed_backward(batch, st, grads, &pos)?;
         Ok(out)
@@ -1085,7 +1183,7 @@ impl<B: Backend> OptModel<B> {
             if li + 1 != nl {
                 self.fetch_layer(stream, li, Pass::Backward)?;
             }
-            self.layer_backward(li, st, grads, batch.batch, batch.seq, drop)?;
+            self.train_layer_backward(li, batch, st, grads, drop)?;
             stream.reduce(&self.backend, li, grads.at(a, b - a))?;
             self.backend.fill(grads.at_mut(a, b - a), 0.0)?;
         }
@@ -1142,13 +1240,42 @@ impl<B: Backend> OptModel<B> {
         st: &mut TrainState<B>,
         drop: Option<&DropoutCfg>,
     ) -> Result<()> {
+        st.unpark(li);
+        let keep = !st.recomputes();
         let (head, tail) = st.layers.split_at_mut(li + 1);
         let acts = &mut head[li];
         let out = match tail.first_mut() {
             Some(next) => next.x_in.vm(),
             None => st.x_last.vm(),
         };
-        self.layer_forward(li, acts, out, batch.batch, batch.seq, Some(batch.mask), LayerKv::None, true, drop)
+        // Recomputation: this pass's probabilities are not needed (the backward re-runs it).
+        let r = self.layer_forward(li, acts, out, batch.batch, batch.seq, Some(batch.mask), LayerKv::None, keep, drop);
+        st.park(li);
+        r
+    }
+
+    /// Backward of layer `li` in a training step; with recomputation, the layer's forward runs
+    /// again first (same parameters, inputs and dropout masks, so the same activations).
+    fn train_layer_backward(
+        &self,
+        li: usize,
+        batch: &TrainBatch<'_>,
+        st: &mut TrainState<B>,
+        grads: &mut B::Buf,
+        drop: Option<&DropoutCfg>,
+    ) -> Result<()> {
+        if !st.recomputes() {
+            return self.layer_backward(li, st, grads, batch.batch, batch.seq, drop);
+        }
+        st.unpark(li);
+        let r = (|| {
+            let out = st.recompute_out.vm();
+            let (b, t) = (batch.batch, batch.seq);
+            self.layer_forward(li, &mut st.layers[li], out, b, t, Some(batch.mask), LayerKv::None, true, drop)?;
+            self.layer_backward(li, st, grads, b, t, drop)
+        })();
+        st.park(li);
+        r
     }
 
     /// The head of a training step: final norm, fused LM head + loss, and their backward down

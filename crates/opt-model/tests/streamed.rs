@@ -160,16 +160,18 @@ fn streamed_gradients_equal_ordinary() {
         let want_g = grads.to_f32_vec();
 
         let (mut sm, mut stream) = streamed(&model);
+        // With activation recomputation too: a layer is recomputed after its backward fetch.
         let mut st2 = TrainState::new(&sm, b, t).expect("state");
+        let mut st3 = TrainState::with_recompute(&sm, b, t, true).expect("state");
         let mut g2 = be.zeros(DType::F32, sm.layout.total()).expect("grads");
         let full = &model.layout;
         let (sa, sb) = sm.layout.slot.expect("slot");
-        // Two steps in a row: each starts from a clean slot.
-        for _ in 0..2 {
+        // Two steps in a row (stored, then recomputed activations): each starts from a clean slot.
+        for step in 0..2 {
             be.fill(g2.vm(), 0.0).expect("zero");
             stream.grads.iter_mut().for_each(|g| *g = 0.0);
-            let got =
-                sm.forward_backward_streamed(&batch, &mut st2, &mut g2, None, None, &mut stream).expect("streamed");
+            let st = if step == 0 { &mut st2 } else { &mut st3 };
+            let got = sm.forward_backward_streamed(&batch, st, &mut g2, None, None, &mut stream).expect("streamed");
             assert_eq!(got, want, "{m}: loss");
             let g = g2.to_f32_vec();
             assert!(g[sa..sb].iter().all(|&x| x == 0.0), "{m}: the slot's gradient is handed over and cleared");

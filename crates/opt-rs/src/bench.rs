@@ -41,6 +41,10 @@ pub struct BenchArgs {
     /// Timed training steps (after two warm-up steps).
     #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Training: recompute each layer's activations in the backward pass (activation
+    /// checkpointing) instead of keeping them.
+    #[arg(long)]
+    recompute: bool,
     /// Quantize the layer matrices to int8 (weight-only; `--dtype` is then the dtype of the
     /// other parameters). Inference only (prefill, decode).
     #[arg(long)]
@@ -165,7 +169,8 @@ fn train<B: Backend>(a: &BenchArgs, model: &mut OptModel<B>, sys: &str) -> Resul
         anyhow::bail!("--seq {t} exceeds the model's {} positions", model.cfg.max_position_embeddings);
     }
     let n_params = model.layout.total();
-    let mut st = TrainState::new(model, b, t)?;
+    let mut st = TrainState::with_recompute(model, b, t, a.recompute)?;
+    let saved_gb = round1(st.saved_layer_floats() as f64 * 4.0 / (1u64 << 30) as f64);
     let mut grads = be.zeros(DType::F32, n_params)?;
     let f32_master = model.params.dtype() != DType::F32;
     let mut master = if f32_master { Some(be.zeros(DType::F32, n_params)?) } else { None };
@@ -224,7 +229,8 @@ fn train<B: Backend>(a: &BenchArgs, model: &mut OptModel<B>, sys: &str) -> Resul
     emit(json!({"sys": sys, "device": be.name(), "task": "train", "model": a.preset, "dtype": a.dtype,
                "params": n_params, "batch": b, "seq": t, "step_s": (dt * 1e4).round() / 1e4,
                "tok_per_s": tok_s.round(), "tflops": round1(flops_tok * tok_s / 1e12),
-               "mem_in_use_gb": mem, "loss": round2(loss)}));
+               "mem_in_use_gb": mem, "recompute": a.recompute, "saved_activations_gb": saved_gb,
+               "loss": round2(loss)}));
     Ok(())
 }
 

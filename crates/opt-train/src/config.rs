@@ -109,6 +109,8 @@ pub struct TrainSection {
     pub max_steps: u64,
     pub seed: u64,
     pub precision: Precision,
+    /// Recompute each layer's activations in the backward pass instead of keeping them.
+    pub recompute: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

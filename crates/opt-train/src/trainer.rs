@@ -285,7 +285,7 @@ impl<B: Backend> Trainer<B> {
         let grads = be.zeros(DType::F32, n)?;
         let grad16 = if cfg.train.precision == Precision::Fp16 { Some(be.zeros(DType::F16, hi - lo)?) } else { None };
         let rows = cfg.micro_batch() / info.map_or(1, |i| i.data_ranks());
-        let acts = TrainState::new(&model, rows, cfg.data.seq_len)?;
+        let acts = TrainState::with_recompute(&model, rows, cfg.data.seq_len, cfg.train.recompute)?;
         let scaler = (cfg.train.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.fp16));
         let mut state = TrainerState::new(cfg.train.seed, scaler);
         let mut pending_events = Vec::new();

@@ -162,3 +162,28 @@ fn gradient_accumulation_equals_one_big_batch() {
         assert!(d <= 3e-5, "accumulated run differs from the single batch by {d}");
     }
 }
+
+/// `train.recompute = true` (activation recomputation) follows PyTorch's clipped AdamW
+/// trajectory too, and equals the stored-activation run bit for bit, dropout included.
+#[test]
+fn recomputation_matches_torch_and_the_stored_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = one_row(dir.path());
+    let r = Reference::open("pre_ln/reference.safetensors");
+    let mut t = trainer(config(dir.path(), &data, &["optim.clip_norm=1.0", "train.recompute=true"]));
+    let losses: Vec<f64> = steps(&mut t, 5).iter().map(|r| r.loss).collect();
+    assert_losses(&losses, &r.f32("adamw_clip_losses"), 1e-4, "recomputed, clipped losses");
+    let run = |recompute: bool| {
+        let d = tempfile::tempdir().expect("tempdir");
+        let extra =
+            [format!("train.recompute={recompute}"), "model.dropout=0.1".into(), "model.attention_dropout=0.1".into()];
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut t = trainer(config(d.path(), &data, &extra));
+        let reps = steps(&mut t, 4);
+        (
+            reps.iter().map(|r| (r.loss.to_bits(), r.grad_norm.to_bits())).collect::<Vec<_>>(),
+            t.master_params().expect("params"),
+        )
+    };
+    assert!(run(true) == run(false), "recomputed and stored runs differ");
+}
