@@ -94,7 +94,7 @@ compare "mpirun -np 2 opt-rs train, dp=2" one dp2
 train tp2fsdp2 4 --set train.max_steps=4 --set parallel.tp=2 --set parallel.fsdp=2
 compare "mpirun -np 4 opt-rs train, tp=2 × fsdp=2 (ZeRO-3, layers gathered one at a time)" one tp2fsdp2
 train zero2 4 --set train.max_steps=4 --set parallel.tp=2 --set parallel.fsdp=2 --set parallel.reshard_after_forward=false
-compare "mpirun -np 4 opt-rs train, tp=2 × fsdp=2, reshard_after_forward=false (ZeRO-2-like)" one zero2
+compare "mpirun -np 4 opt-rs train, tp=2 × fsdp=2, reshard_after_forward=false (ZeRO-2)" one zero2
 
 # torchrun-style launch (TCP rendezvous, no MPI): fsdp=2.
 PORT=$((29500 + RANDOM % 1000))

@@ -11,12 +11,14 @@
 //! - FSDP: all-gather of the parameters twice (forward, backward) and a reduce-scatter of the
 //!   gradients, `(fsdp−1)/fsdp · 2 bytes · P/tp` each over the network, overlapped with compute
 //!   except for `1 − overlap` of it (ZeRO-3, `parallel.reshard_after_forward = true`); with the
-//!   slice kept gathered between forward and backward (ZeRO-2-like, as the OPT runs did) one
+//!   slice kept gathered between forward and backward (ZeRO-2, as the OPT runs did) one
 //!   all-gather and one reduce-scatter.
 //! - memory per GPU for the model state (activations excluded), as opt-rs holds it: f32 master
 //!   weights, AdamW moments and gradient window (16 bytes per parameter over `tp · fsdp`), plus
 //!   the bf16 parameters and f32 gradient the model computes with (6 bytes per parameter over
-//!   `tp`): under ZeRO-3 only the embedding and one layer's, under ZeRO-2 the whole slice's.
+//!   `tp`) for the embedding and one layer, plus under ZeRO-2 the gathered bf16 slice (2 bytes
+//!   per parameter over `tp`; each layer's gradient is reduce-scattered after its backward in
+//!   both modes).
 //!
 //! MFU counts the model FLOPs only (`6·P·tokens` + attention, no recompute), as the OPT paper's
 //! 147 TFLOP/s/GPU does.
@@ -109,8 +111,13 @@ pub fn estimate_with(w: &Workload, d: &Device, gpus: usize, tp: usize, mode: Fsd
     let fsdp_s = (fsdp_raw - w.overlap * compute_s).max((1.0 - w.overlap) * fsdp_raw);
     let step_s = compute_s + tp_s + fsdp_s;
     let tflops = model_flops / step_s / 1e12;
-    let held = if mode == Fsdp::Zero2 || fsdp <= 1.0 { w.params } else { w.vocab * w.hidden + w.params / w.layers };
-    let state_gb = (16.0 * w.params / n + 6.0 * held / tpf) / 1e9;
+    let state_gb = if fsdp <= 1.0 {
+        (16.0 * w.params / n + 6.0 * w.params / tpf) / 1e9
+    } else {
+        let working = 6.0 * (w.vocab * w.hidden + w.params / w.layers) / tpf;
+        let gathered = if mode == Fsdp::Zero2 { 2.0 * w.params / tpf } else { 0.0 };
+        (16.0 * w.params / n + working + gathered) / 1e9
+    };
     Estimate { step_s, compute_s, tp_s, fsdp_s, tflops, mfu: tflops * 1e12 / d.peak, state_gb }
 }
 
@@ -143,7 +150,7 @@ pub fn table() -> String {
     }
     s.push_str("OPT-175B reported 147 TFLOP/s/GPU on 992 A100-80G (tp = 8, FSDP over the rest, parameters kept\n");
     s.push_str("gathered between forward and backward, gradients reduce-scattered layer by layer). State: master\n");
-    s.push_str("weights, moments and gradient shards, plus the bf16 parameters and f32 gradient opt-rs computes\n");
-    s.push_str("with (zero2 keeps the whole slice's; activations excluded).\n");
+    s.push_str("weights, moments and gradient shards, the bf16 embedding and layer opt-rs computes with and\n");
+    s.push_str("their f32 gradient, and under zero2 the gathered bf16 slice; activations excluded.\n");
     s
 }

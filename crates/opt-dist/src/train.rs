@@ -10,7 +10,9 @@
 //!   shorter); a rank keeps its window's f32 master weights and AdamW moments and reduce-scatters
 //!   the gradient into it. With `reshard_after_forward` (ZeRO-3) the model holds one layer at a
 //!   time, gathered over the windows it spans ([`Parallel::gather_range`], an all-gather with
-//!   per-rank counts); otherwise the whole slice is all-gathered after the update and kept;
+//!   per-rank counts); otherwise (ZeRO-2) the whole slice is all-gathered after the update and
+//!   kept, and layers are copied out of it. Either way each layer's gradient is
+//!   reduce-scattered right after its backward ([`Parallel::reduce_range`]);
 //! - dp: the window's gradient is then all-reduced over the replicas.
 //!
 //! The gradient norm counts tensor-parallel-replicated tensors (LayerNorms, biases of row-split

@@ -92,8 +92,8 @@ fn step_time_model_is_in_the_papers_range() {
     // OPT-175B on 1024 A100s with tp = 8 (the paper's layout): 147 TFLOP/s/GPU reported.
     let e = opt_dist::perf::estimate(&opt_dist::perf::OPT_175B, &opt_dist::perf::A100, 1024, 8);
     assert!(e.tflops > 110.0 && e.tflops < 190.0, "{e:?}");
-    // Keeping the slice gathered (ZeRO-2) moves less over the network but holds the whole
-    // tp slice: it cannot fit OPT-175B's tp = 8 slice on an 80 GB card; ZeRO-3 can.
+    // Keeping the slice gathered (ZeRO-2) moves less over the network but holds the whole bf16
+    // tp slice (OPT-175B at tp = 8: 44 GB of an 80 GB card); ZeRO-3 holds a few GB.
     let z2 = opt_dist::perf::estimate_with(
         &opt_dist::perf::OPT_175B,
         &opt_dist::perf::A100,
@@ -101,7 +101,7 @@ fn step_time_model_is_in_the_papers_range() {
         8,
         opt_dist::perf::Fsdp::Zero2,
     );
-    assert!(z2.fsdp_s < e.fsdp_s && z2.state_gb > 80.0 && e.state_gb < 10.0, "{z2:?} vs {e:?}");
+    assert!(z2.fsdp_s < e.fsdp_s && z2.state_gb > 40.0 && z2.state_gb < 80.0 && e.state_gb < 10.0, "{z2:?} vs {e:?}");
     let t = opt_dist::perf::table();
     assert!(t.contains("H100") && t.contains("zero2") && t.contains("zero3"));
 }

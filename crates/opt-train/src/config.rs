@@ -166,7 +166,7 @@ pub struct ParallelSection {
     pub fsdp: usize,
     pub dp: usize,
     /// With `fsdp > 1`: gather each layer just before use and free it after (ZeRO-3), instead
-    /// of keeping the whole slice gathered (ZeRO-2-like).
+    /// of keeping the whole slice gathered (ZeRO-2; each layer's gradient is reduce-scattered after its backward in both).
     pub reshard_after_forward: bool,
 }
 
@@ -178,9 +178,10 @@ impl ParallelSection {
     pub fn world(&self) -> usize {
         self.tp * self.fsdp * self.dp
     }
-    /// Whether the model streams its layers (ZeRO-3): fsdp > 1 and `reshard_after_forward`.
+    /// Whether the model streams its layers: fsdp > 1 (ZeRO-3 gathers each layer as it is
+    /// used; ZeRO-2, `reshard_after_forward = false`, copies it out of the gathered slice).
     pub fn streams_layers(&self) -> bool {
-        self.fsdp > 1 && self.reshard_after_forward
+        self.fsdp > 1
     }
 }
 

@@ -20,8 +20,10 @@
 //! and one layer slot ([`opt_model::ParamLayout::streamed`]), and [`crate::zero3`] fetches each
 //! layer just before its forward and backward ([`Parallel::gather_range`]) and reduce-scatters
 //! its gradient right after its backward ([`Parallel::reduce_range`], then
-//! [`Parallel::sum_over_replicas`] once per step). Windows, checkpoints and the optimizer are
-//! the same in both modes.
+//! [`Parallel::sum_over_replicas`] once per step). With `reshard_after_forward = false` (ZeRO-2)
+//! the whole slice is gathered once per step and kept, and the same stream copies layers out of
+//! it; gradients are reduced layer by layer as under ZeRO-3. Windows, checkpoints and the
+//! optimizer are the same in every mode.
 //!
 //! A single process uses none of this (the trainer keeps its one-process path).
 

@@ -155,11 +155,14 @@ pub struct Trainer<B: Backend> {
     grad_window: Option<B::Buf>,
     /// The slice's ordinary layout (the model's, unless it streams its layers).
     slice: ParamLayout,
-    /// ZeRO-3 (`parallel.reshard_after_forward` with fsdp > 1): the model holds its non-layer
-    /// parameters and one layer slot; `grad_acc` collects the step's gradient window as each
-    /// layer's backward finishes (see [`crate::zero3`]).
+    /// fsdp > 1: the model holds its non-layer parameters and one layer slot, fed by a layer
+    /// stream; `grad_acc` collects the step's gradient window as each layer's backward
+    /// finishes (see [`crate::zero3`]).
     zero3: bool,
     grad_acc: Vec<f32>,
+    /// ZeRO-2 (`parallel.reshard_after_forward = false`): the whole slice in the compute dtype,
+    /// gathered after each update; the stream copies layers out of it.
+    gathered: Option<B::Buf>,
     acts: TrainState<B>,
     tok: Arc<OptTokenizer>,
     train: Loader,
@@ -250,6 +253,7 @@ impl<B: Backend> Trainer<B> {
 
         let compute = compute_dtype(cfg.train.precision);
         let whole = ParamLayout::new(&model_cfg).total();
+        let mut gathered = None;
         let (model, master, window, moments) = match &par {
             None => {
                 let (host, moments) = match loaded.as_mut() {
@@ -270,6 +274,10 @@ impl<B: Backend> Trainer<B> {
                 let r = rank_state(p.as_ref(), &cfg, &model_cfg, loaded.as_mut(), window, streamed)?;
                 let model = p.model_from_slice(backend, model_cfg.clone(), &r.model, compute, streamed)?;
                 let master = Some(model.backend.from_f32(&r.master, DType::F32)?);
+                if streamed && !cfg.parallel.reshard_after_forward {
+                    let whole = p.gather(&r.master, n)?;
+                    gathered = Some(model.backend.from_f32(&whole, compute)?);
+                }
                 (model, master, window, r.moments)
             }
         };
@@ -377,6 +385,7 @@ impl<B: Backend> Trainer<B> {
             slice,
             zero3,
             grad_acc: if zero3 { vec![0.0; hi - lo] } else { Vec::new() },
+            gathered,
             acts,
             tok,
             train,
@@ -512,7 +521,8 @@ impl<B: Backend> Trainer<B> {
             let (sum, _) = match (&self.par, &self.master) {
                 (Some(p), Some(master)) if self.zero3 => {
                     let mut z =
-                        Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, Some(&mut self.grad_acc));
+                        Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, Some(&mut self.grad_acc))
+                            .with_local(self.gathered.as_ref());
                     let r = self.model.forward_backward_streamed(
                         &tb,
                         &mut self.acts,
@@ -625,11 +635,10 @@ impl<B: Backend> Trainer<B> {
         {
             let OptModel { params, backend, layout, .. } = &mut self.model;
             match (self.master.as_mut(), &self.par, &self.grad_window) {
-                (Some(m), Some(p), Some(g)) if self.zero3 => {
-                    // Update this rank's window; the layers are gathered as the next step uses
-                    // them, the rest now.
+                (Some(m), Some(_), Some(g)) if self.zero3 => {
+                    // Update this rank's window; `refresh_streamed` below brings the model up
+                    // to date (ZeRO-3: the layers are gathered as the next step uses them).
                     self.opt.update(backend, m, g, lr32, grad_scale)?;
-                    zero3::gather_resident(p.as_ref(), &self.slice, self.window, m, &mut self.model)?;
                 }
                 (Some(m), Some(p), Some(g)) => {
                     // Update this rank's window; gather the slice's new parameters.
@@ -644,6 +653,9 @@ impl<B: Backend> Trainer<B> {
                 }
                 (None, _, _) => self.opt.update(backend, params, &self.grads, lr32, grad_scale)?,
             }
+        }
+        if self.zero3 {
+            self.refresh_streamed()?;
         }
         self.state.updates = self.opt.updates;
         self.state.guards.accept(&self.cfg.guards, loss);
@@ -734,7 +746,26 @@ impl<B: Backend> Trainer<B> {
         let dtype = params.dtype();
         *params = backend.from_f32(model, dtype)?;
         self.master = Some(backend.from_f32(master, DType::F32)?);
+        if self.gathered.is_some() {
+            self.refresh_streamed()?;
+        }
         Ok(())
+    }
+
+    /// A streamed model after the master windows changed: ZeRO-3 gathers the non-layer
+    /// parameters (the layers are gathered as they are used); ZeRO-2 gathers the whole slice
+    /// and copies the non-layer parameters out of it.
+    fn refresh_streamed(&mut self) -> Result<()> {
+        let (Some(p), Some(m)) = (&self.par, &self.master) else { return Ok(()) };
+        match self.gathered.as_mut() {
+            Some(g) => {
+                let be = &self.model.backend;
+                let whole = p.gather(&be.to_f32(m.v())?, self.slice.total())?;
+                *g = be.from_f32(&whole, g.dtype())?;
+                zero3::copy_resident(&self.slice, g, &mut self.model)
+            }
+            None => zero3::gather_resident(p.as_ref(), &self.slice, self.window, m, &mut self.model),
+        }
     }
 
     /// Replace the master weights (and the compute copy) with host f32 values (one process).
@@ -768,7 +799,8 @@ impl<B: Backend> Trainer<B> {
                 let all = opt_model::LogitsMode::All;
                 let mut logits = match (&self.par, &self.master) {
                     (Some(p), Some(master)) if self.zero3 => {
-                        let mut z = Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, None);
+                        let mut z = Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, None)
+                            .with_local(self.gathered.as_ref());
                         let r = self.model.forward_streamed(ids, 1, Some(mask), None, all, &mut z);
                         z.finish(r)?
                     }
@@ -881,9 +913,9 @@ impl<B: Backend> Trainer<B> {
             };
             let text = match (&self.par, &self.master) {
                 (Some(par), Some(master)) if self.zero3 => {
-                    let (slice, window) = (&self.slice, self.window);
+                    let (slice, window, local) = (&self.slice, self.window, self.gathered.as_ref());
                     sample::continue_text_with(&mut self.model, &self.tok, prompt, &p, |m, ids, cache| {
-                        let mut z = Zero3Stream::new(par.as_ref(), slice, window, master, None);
+                        let mut z = Zero3Stream::new(par.as_ref(), slice, window, master, None).with_local(local);
                         let r = m.forward_streamed(ids, 1, None, Some(cache), opt_model::LogitsMode::Last, &mut z);
                         z.finish(r)
                     })?

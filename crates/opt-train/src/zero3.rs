@@ -9,6 +9,11 @@
 //!
 //! Every fsdp rank makes the same collectives in the same order: the model fetches and reduces
 //! layers in a fixed order (forward 0..L, backward L-1..0, the last layer kept in the slot).
+//!
+//! ZeRO-2 (`parallel.reshard_after_forward = false`) uses the same stream with a `local` copy
+//! of the whole slice, all-gathered once per step after the update: a fetch is then a copy out
+//! of it (no collective), while each layer's gradient is still reduce-scattered right after its
+//! backward, so no rank ever holds the slice's whole gradient.
 
 use opt_model::{LayerStream, ModelError, OptModel, ParamLayout, Pass};
 use opt_tensor::{Backend, Buffer, View, ViewMut};
@@ -57,6 +62,8 @@ pub struct Zero3Stream<'a, B: Backend> {
     /// The step's gradient, this rank's window, summed over the fsdp group (`None` in a
     /// forward-only pass).
     pub grad: Option<&'a mut [f32]>,
+    /// ZeRO-2: the whole slice, gathered (in the compute dtype); fetches copy out of it.
+    pub local: Option<&'a B::Buf>,
     /// The first collective error, kept whole (the model sees only its text).
     pub failed: Option<TrainError>,
 }
@@ -69,7 +76,13 @@ impl<'a, B: Backend> Zero3Stream<'a, B> {
         master: &'a B::Buf,
         grad: Option<&'a mut [f32]>,
     ) -> Self {
-        Zero3Stream { par, slice, window, master, grad, failed: None }
+        Zero3Stream { par, slice, window, master, grad, local: None, failed: None }
+    }
+
+    /// Fetch layers from `local` (the gathered slice, ZeRO-2) instead of gathering them.
+    pub fn with_local(mut self, local: Option<&'a B::Buf>) -> Self {
+        self.local = local;
+        self
     }
 
     /// The model call's result, with a collective failure reported as the original error.
@@ -99,6 +112,10 @@ impl<B: Backend> LayerStream<B> for Zero3Stream<'_, B> {
     fn fetch(&mut self, be: &B, li: usize, _pass: Pass, slot: ViewMut<'_, B::Buf>) -> opt_model::Result<()> {
         let r = (|| {
             let range = self.layer(li)?;
+            if let Some(local) = self.local {
+                be.copy(slot, local.at(range.0, range.1 - range.0))?;
+                return Ok(());
+            }
             let mine = my_part(be, self.master, self.window, range)?;
             let whole = self.par.gather_range(&mine, self.slice.total(), range)?;
             let x = be.from_f32(&whole, slot.buf.dtype())?;
@@ -156,6 +173,16 @@ pub fn reduce_resident<B: Backend>(
         let host = be.to_f32(grads.at(at, b - a))?;
         let part = par.reduce_range(&host, slice.total(), (a, b))?;
         add_part(acc, window, (a, b), &part);
+    }
+    Ok(())
+}
+
+/// ZeRO-2: copy the non-layer parameters out of the gathered slice `local` into the streamed
+/// model's buffer.
+pub fn copy_resident<B: Backend>(slice: &ParamLayout, local: &B::Buf, model: &mut OptModel<B>) -> Result<()> {
+    let be = &model.backend;
+    for (a, b, at) in slice.resident_ranges() {
+        be.copy(model.params.at_mut(at, b - a), local.at(a, b - a))?;
     }
     Ok(())
 }
