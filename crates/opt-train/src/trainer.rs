@@ -297,6 +297,28 @@ impl<B: Backend> Trainer<B> {
         let scaler = (cfg.train.precision == Precision::Fp16).then(|| LossScaler::new(&cfg.fp16));
         let mut state = TrainerState::new(cfg.train.seed, scaler);
         let mut pending_events = Vec::new();
+        if let Some(i) = info {
+            let mode = match (zero3, gathered.is_some()) {
+                (true, false) => "ZeRO-3: layers gathered one at a time",
+                (true, true) => "ZeRO-2: slice kept gathered, layer gradients reduce-scattered",
+                _ => "whole slice",
+            };
+            pending_events.push(Event {
+                step: loaded.as_ref().map_or(0, |l| l.state.step),
+                name: "parallel",
+                detail: format!(
+                    "rank {} of {}: tp {} × fsdp {} × dp {}; {mode}; the model computes with {} of the slice's {} parameters, keeps a window of {}",
+                    i.rank,
+                    i.world,
+                    i.tp,
+                    i.fsdp,
+                    i.dp,
+                    model.layout.total(),
+                    slice.total(),
+                    hi - lo
+                ),
+            });
+        }
         if let Some(l) = loaded.as_mut() {
             if let Some((m, v)) = moments {
                 opt.m = be.from_f32(&m, DType::F32)?;
