@@ -122,6 +122,14 @@ mkdir -p "$W/onefrom4/checkpoints"
 train onefrom4 1 --set train.max_steps=4 --resume
 compare "tp=2 × fsdp=2 checkpoint resharded to one process, resumed" tp2fsdp2 onefrom4 2
 
+# `opt-rs export` of the sharded step-2 checkpoint (consolidated tensor by tensor) writes the
+# same HF weights as exporting its one-process reshard.
+"$OPT" export --run "$W/tp2fsdp2" --step 2 --out "$W/hf-sharded" >/dev/null
+"$OPT" export --run "$W/onefrom4" --step 2 --out "$W/hf-one" >/dev/null
+cmp "$W/hf-sharded/model.safetensors" "$W/hf-one/model.safetensors" ||
+    { echo "dist_tests: export of a sharded checkpoint differs from its one-process reshard" >&2; exit 1; }
+echo "opt-rs export of the tp=2 × fsdp=2 checkpoint equals the export of its one-process reshard"
+
 # Tensor-parallel inference: `mpirun -np 2 opt-rs generate --tp 2` prints the one-process output.
 GEN=(generate --model fixtures/pre_ln --ids 2,5,9 --ids 2,7 --max-new-tokens 16 --greedy --json)
 "$OPT" "${GEN[@]}" >"$W/gen1.out"

@@ -341,6 +341,15 @@ impl Source {
     }
 }
 
+/// The whole model's parameters (`ParamLayout::new` order) of a training checkpoint folder,
+/// one-process or sharded, assembled tensor by tensor, and its config.
+pub fn consolidated_params(src: &Path) -> Result<(OptConfig, Vec<f32>)> {
+    let source = Source::open(src)?;
+    let n = ParamLayout::new(&source.cfg).total();
+    let params = source.window(Part::Params, 1, 0, (0, n))?;
+    Ok((source.cfg, params))
+}
+
 /// Rewrite the training checkpoint folder `src` (one-process or sharded) at `tp × fsdp` into the
 /// new folder `dst`: parameters and AdamW moments, the trainer state as it was, and the saved
 /// `config.toml` with its `[parallel]` set to the new layout (dp kept). `tp = fsdp = 1` writes the

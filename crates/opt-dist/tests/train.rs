@@ -300,6 +300,10 @@ fn checkpoints_reshard_exactly_and_resume() {
     // The one-process checkpoint is an HF folder whose logits equal the tp=2 model's.
     let ids: Vec<u32> = (0..12).map(|i| 2 + 37 * i % 500).collect();
     let one = OptModel::from_folder(CpuBackend::new(), &direct, DType::F32).expect("load tp1");
+    // What `opt-rs export` reads from a sharded checkpoint: the same parameters.
+    let (ccfg, cons) = opt_dist::train::consolidated_params(&src).expect("consolidate");
+    assert_eq!(ccfg, one.cfg);
+    assert!(cons == one.params_f32().expect("params"), "consolidated parameters differ from the reshard's");
     let want = logits(&one, &ids);
     let hop2c = hop2.clone();
     let tp_logits = run_threads(2, move |w| {

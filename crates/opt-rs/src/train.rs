@@ -288,7 +288,19 @@ pub struct ExportArgs {
 
 pub fn run_export(a: ExportArgs) -> Result<()> {
     let dtype: DType = a.dtype.parse().map_err(anyhow::Error::msg).context("--dtype")?;
-    let from = opt_train::export::export_run(&a.run, a.step, &a.out, dtype)?;
+    // A multi-rank run's checkpoint is consolidated from its shards, one tensor at a time.
+    let load = |dir: &Path, dtype: DType| -> opt_train::Result<opt_model::OptModel<opt_tensor::CpuBackend>> {
+        match opt_train::checkpoint::sharded_meta(dir)? {
+            Some(_) => {
+                let (cfg, params) = opt_dist::train::consolidated_params(dir).map_err(|e| {
+                    opt_train::TrainError::Checkpoint { path: dir.to_path_buf(), detail: e.to_string() }
+                })?;
+                Ok(opt_model::OptModel::from_params(opt_tensor::CpuBackend::new(), cfg, &params, dtype)?)
+            }
+            None => Ok(opt_model::OptModel::from_folder(opt_tensor::CpuBackend::new(), dir, dtype)?),
+        }
+    };
+    let from = opt_train::export::export_run_with(&a.run, a.step, &a.out, dtype, &load)?;
     println!("exported {} → {} ({dtype})", display(&from), display(&a.out));
     Ok(())
 }

@@ -31,8 +31,33 @@ const TOKENIZER_CONFIG: &str = r#"{
 "#;
 
 /// Export the checkpoint at `step` (the newest when `None`) of the run in `run_dir` to `out`
-/// with weights in `dtype`. Returns the checkpoint folder used.
+/// with weights in `dtype`. Returns the checkpoint folder used. A sharded checkpoint (a
+/// multi-rank run's) needs its shards consolidated first: see [`export_run_with`].
 pub fn export_run(run_dir: &Path, step: Option<u64>, out: &Path, dtype: DType) -> Result<PathBuf> {
+    export_run_with(run_dir, step, out, dtype, &|dir: &Path, dtype| {
+        if checkpoint::sharded_meta(dir)?.is_some() {
+            return Err(TrainError::Checkpoint {
+                path: dir.to_path_buf(),
+                detail: "a sharded checkpoint (parallel.json): `opt-rs export` consolidates it, or run                          `opt-rs checkpoint reshard DIR OUT --tp 1 --fsdp 1` first"
+                    .into(),
+            });
+        }
+        Ok(OptModel::from_folder(CpuBackend::new(), dir, dtype)?)
+    })
+}
+
+/// How [`export_run_with`] reads a checkpoint folder's model.
+pub type LoadModel<'a> = &'a dyn Fn(&Path, DType) -> Result<OptModel<CpuBackend>>;
+
+/// [`export_run`] with the checkpoint's model read by `load` (opt-rs consolidates sharded
+/// checkpoints with opt-dist, tensor by tensor).
+pub fn export_run_with(
+    run_dir: &Path,
+    step: Option<u64>,
+    out: &Path,
+    dtype: DType,
+    load: LoadModel<'_>,
+) -> Result<PathBuf> {
     let root = run_dir.join(checkpoint::CHECKPOINTS);
     let all = checkpoint::list(&root)?;
     let dir = match step {
@@ -49,7 +74,7 @@ pub fn export_run(run_dir: &Path, step: Option<u64>, out: &Path, dtype: DType) -
             ),
         },
     })?;
-    let model = OptModel::from_folder(CpuBackend::new(), &dir, dtype)?;
+    let model = load(&dir, dtype)?;
     model.save_hf(out)?;
     let cfg = &model.cfg;
     let gen = serde_json::json!({
