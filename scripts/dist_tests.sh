@@ -129,6 +129,12 @@ compare "tp=2 × fsdp=2 checkpoint resharded to one process, resumed" tp2fsdp2 o
 cmp "$W/hf-sharded/model.safetensors" "$W/hf-one/model.safetensors" ||
     { echo "dist_tests: export of a sharded checkpoint differs from its one-process reshard" >&2; exit 1; }
 echo "opt-rs export of the tp=2 × fsdp=2 checkpoint equals the export of its one-process reshard"
+# `--model` accepts the sharded checkpoint folder itself.
+"$OPT" score --model "$W/tp2fsdp2/checkpoints/step_0000002" --ids 2,5,9,7 --json >"$W/score-sharded.json" 2>/dev/null
+"$OPT" score --model "$W/hf-sharded" --ids 2,5,9,7 --json >"$W/score-hf.json"
+cmp "$W/score-sharded.json" "$W/score-hf.json" ||
+    { echo "dist_tests: scoring the sharded checkpoint differs from scoring its export" >&2; exit 1; }
+echo "opt-rs score --model on the sharded checkpoint equals scoring its export"
 
 # Tensor-parallel inference: `mpirun -np 2 opt-rs generate --tp 2` prints the one-process output.
 GEN=(generate --model fixtures/pre_ln --ids 2,5,9 --ids 2,7 --max-new-tokens 16 --greedy --json)

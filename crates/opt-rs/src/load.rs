@@ -56,5 +56,16 @@ pub fn load_model<B: Backend>(backend: B, path: &Path, dtype: DType, m: &Metaseq
             path.display()
         );
     }
+    // A multi-rank training run's checkpoint: its shards, consolidated tensor by tensor.
+    if path.is_dir() && opt_train::checkpoint::sharded_meta(path).ok().flatten().is_some() {
+        eprintln!(
+            "note: consolidating the sharded training checkpoint {} (opt-rs export writes it once)",
+            path.display()
+        );
+        let (cfg, params) = opt_dist::train::consolidated_params(path)
+            .with_context(|| format!("consolidating the sharded checkpoint {}", path.display()))?;
+        return OptModel::from_params(backend, cfg, &params, dtype)
+            .with_context(|| format!("loading model from {}", path.display()));
+    }
     OptModel::from_folder(backend, path, dtype).with_context(|| format!("loading model from {}", path.display()))
 }
