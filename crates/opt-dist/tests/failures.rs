@@ -87,6 +87,32 @@ fn vocab_padding_round_trips() {
     assert_eq!(opt_dist::plan::unshard_params(&cfg, &shards).expect("unshard"), full);
 }
 
+/// Each rank of a sharded run initialises its own part (`metaseq_init_range`): the values equal
+/// the Megatron slice of the whole model's metaseq initialisation, padding rows zero, for any
+/// sub-range, at tp = 2 and at tp = 3 with a padded vocabulary.
+#[test]
+fn ranks_initialise_their_slice_alone() {
+    let base = common::load().cfg;
+    let mut cfg3 = base.clone();
+    cfg3.hidden_size = 66;
+    cfg3.word_embed_proj_dim = 66;
+    cfg3.ffn_dim = 258;
+    cfg3.num_attention_heads = 3;
+    for (cfg, tp) in [(base, 2), (cfg3, 3)] {
+        let layout = opt_model::ParamLayout::new(&cfg);
+        let mut whole = vec![0f32; layout.total()];
+        opt_model::init::metaseq_init(&cfg, &layout, &mut whole, 0.006, 77);
+        for t in 0..tp {
+            let want = opt_dist::plan::shard_params(&cfg, &whole, tp, t).expect("shard");
+            let n = want.len();
+            let got = opt_model::init::metaseq_init_range(&cfg, tp, t, (0, n), 0.006, 77);
+            assert!(got == want, "tp {tp} rank {t}: the slice differs");
+            let (a, b) = (n / 5, n / 5 + n / 3);
+            assert!(opt_model::init::metaseq_init_range(&cfg, tp, t, (a, b), 0.006, 77) == want[a..b]);
+        }
+    }
+}
+
 #[test]
 fn step_time_model_is_in_the_papers_range() {
     // OPT-175B on 1024 A100s with tp = 8 (the paper's layout): 147 TFLOP/s/GPU reported.

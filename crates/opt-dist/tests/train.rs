@@ -214,6 +214,29 @@ fn zero3_holds_one_layer_and_evaluates_and_samples() {
     assert!(!out[0].1[0].1.is_empty(), "a continuation was sampled");
 }
 
+/// A random start (no `init_from`): each rank draws only its window and what its model holds
+/// (`metaseq_init_range`), and the run still follows the one-process run from the same seed.
+#[test]
+fn random_init_sharded_matches_one_process() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("train.jsonl");
+    write_data(&data);
+    let extra = |more: &str| -> Vec<String> {
+        vec!["model.init_from=\"\"".into(), "model.preset=tiny".into(), "train.seed=5".into(), more.into()]
+    };
+    let one =
+        single(config(&dir.path().join("one"), &data, ParallelPlan::default(), 3, &extra("run.log_every=1")), false);
+    for (tp, fsdp, zero3) in [(2, 2, true), (1, 2, false), (2, 1, true)] {
+        let plan = ParallelPlan { tp, fsdp, dp: 1 };
+        let run = dir.path().join(format!("r{tp}{fsdp}{zero3}"));
+        let ranks =
+            sharded(config(&run, &data, plan, 3, &extra(&format!("parallel.reshard_after_forward={zero3}"))), false);
+        let d = max_loss_diff(&ranks[0], &one);
+        assert!(d <= 1e-4, "{plan:?} zero3={zero3}: losses {:?} vs {one:?} (max Δ {d:e})", ranks[0]);
+        eprintln!("random init, {plan:?}, reshard_after_forward = {zero3}: 3 losses within {d:e} of one process");
+    }
+}
+
 fn res_cfg() -> opt_model::OptConfig {
     opt_model::OptConfig::from_path(&fixture("pre_ln")).expect("config")
 }

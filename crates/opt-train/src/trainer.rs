@@ -1239,8 +1239,9 @@ struct RankParams {
 
 /// A multi-rank run's starting point. From a sharded checkpoint the rank reads its own window
 /// and gathers the rest of what its model holds from the other fsdp ranks (a collective): the
-/// whole slice, or under ZeRO-3 (`streamed`) only the non-layer parameters. From a one-process
-/// checkpoint or the initial weights the slice is cut from the whole model.
+/// whole slice, or with a streamed model (`streamed`) only the non-layer parameters. A random
+/// start draws only those parts. From a one-process checkpoint or `init_from` the slice is cut
+/// from the whole model.
 fn rank_state<B: Backend>(
     p: &dyn Parallel<B>,
     cfg: &TrainConfig,
@@ -1281,6 +1282,32 @@ fn rank_state<B: Backend>(
             let m = slice_of(std::mem::take(&mut l.m))?[lo..hi].to_vec();
             let v = slice_of(std::mem::take(&mut l.v))?[lo..hi].to_vec();
             (whole, Some((m, v)))
+        }
+        None if cfg.model.init_from.is_empty() => {
+            // A random start: this rank draws only its window and what its model holds (the
+            // same values as the whole model's initialisation), never the whole model.
+            let info = p.info();
+            let init = |r: (usize, usize)| {
+                opt_model::init::metaseq_init_range(
+                    model_cfg,
+                    info.tp,
+                    info.tp_rank,
+                    r,
+                    cfg.model.init_std,
+                    cfg.train.seed,
+                )
+            };
+            let master = init((lo, hi));
+            let model = if streamed {
+                let mut out = vec![0f32; layout.streamed().total()];
+                for (a, b, at) in layout.resident_ranges() {
+                    out[at..at + b - a].copy_from_slice(&init((a, b)));
+                }
+                out
+            } else {
+                init((0, n))
+            };
+            return Ok(RankParams { model, master, moments: None });
         }
         None => (slice_of(initial_params(cfg, model_cfg)?)?, None),
     };
