@@ -16,8 +16,26 @@ pub enum Device {
     /// The CPU backend (the reference; rayon threads).
     #[default]
     Cpu,
-    /// CUDA GPU with this ordinal (`cuda` = `cuda:0`).
+    /// CUDA GPU with this ordinal (`cuda:N`).
     Cuda(usize),
+    /// `cuda` without an ordinal: GPU 0 in a single process; in a multi-process launch
+    /// (`mpirun`, torchrun, srun) the GPU of the rank's local index, one process per device.
+    CudaLocal,
+}
+
+impl Device {
+    /// The concrete device for this process: `cuda` becomes `cuda:LOCAL_RANK` under a
+    /// multi-process launch (`get` reads the environment), `cuda:0` otherwise.
+    pub fn resolve(self, get: &dyn Fn(&str) -> Option<String>) -> Result<Device> {
+        use opt_dist::launch::Launch;
+        Ok(match self {
+            Device::CudaLocal => match Launch::detect(get)? {
+                Launch::Single => Device::Cuda(0),
+                Launch::Mpi { local_rank, .. } | Launch::Tcp { local_rank, .. } => Device::Cuda(local_rank),
+            },
+            d => d,
+        })
+    }
 }
 
 impl FromStr for Device {
@@ -26,7 +44,7 @@ impl FromStr for Device {
         let s = s.trim().to_ascii_lowercase();
         match s.as_str() {
             "cpu" => Ok(Device::Cpu),
-            "cuda" | "gpu" => Ok(Device::Cuda(0)),
+            "cuda" | "gpu" => Ok(Device::CudaLocal),
             _ => match s.strip_prefix("cuda:").or_else(|| s.strip_prefix("gpu:")) {
                 Some(n) => n
                     .parse::<usize>()
@@ -43,6 +61,7 @@ impl fmt::Display for Device {
         match self {
             Device::Cpu => f.write_str("cpu"),
             Device::Cuda(n) => write!(f, "cuda:{n}"),
+            Device::CudaLocal => f.write_str("cuda"),
         }
     }
 }
@@ -63,6 +82,7 @@ pub trait Job {
 
 /// Open the backend `device` names and run `job` on it.
 pub fn run_on<J: Job>(device: Device, job: J) -> Result<J::Output> {
+    let device = device.resolve(&|k| std::env::var(k).ok())?;
     match device {
         Device::Cpu => job.run(CpuBackend::new()),
         #[cfg(feature = "cuda")]
@@ -79,6 +99,7 @@ pub fn run_on<J: Job>(device: Device, job: J) -> Result<J::Output> {
             );
             job.run(be)
         }
+        Device::CudaLocal => unreachable!("resolved above"),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda(_) => anyhow::bail!(
             "--device {device}: this opt-rs was built without CUDA support; \
@@ -94,11 +115,35 @@ mod tests {
     #[test]
     fn parses_devices() {
         assert_eq!("cpu".parse::<Device>(), Ok(Device::Cpu));
-        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::CudaLocal));
         assert_eq!("CUDA:3".parse::<Device>(), Ok(Device::Cuda(3)));
         assert!("cuda:x".parse::<Device>().is_err());
         assert!("tpu".parse::<Device>().is_err());
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+    }
+
+    /// One process per device: `--device cuda` under mpirun / torchrun picks the local rank's
+    /// GPU; an explicit ordinal is kept; a single process uses GPU 0.
+    #[test]
+    fn cuda_follows_the_local_rank() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        let single = env(&[]);
+        assert_eq!(Device::CudaLocal.resolve(&single).expect("single"), Device::Cuda(0));
+        let mpi =
+            env(&[("OMPI_COMM_WORLD_RANK", "5"), ("OMPI_COMM_WORLD_SIZE", "8"), ("OMPI_COMM_WORLD_LOCAL_RANK", "1")]);
+        assert_eq!(Device::CudaLocal.resolve(&mpi).expect("mpi"), Device::Cuda(1));
+        let tr = env(&[
+            ("RANK", "3"),
+            ("WORLD_SIZE", "4"),
+            ("LOCAL_RANK", "3"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", "29500"),
+        ]);
+        assert_eq!(Device::CudaLocal.resolve(&tr).expect("torchrun"), Device::Cuda(3));
+        assert_eq!(Device::Cuda(2).resolve(&mpi).expect("explicit"), Device::Cuda(2));
+        assert_eq!(Device::Cpu.resolve(&mpi).expect("cpu"), Device::Cpu);
     }
 
     struct Name;
