@@ -158,7 +158,7 @@ pub struct Trainer<B: Backend> {
     /// fsdp > 1: the model holds its non-layer parameters and one layer slot, fed by a layer
     /// stream; `grad_acc` collects the step's gradient window as each layer's backward
     /// finishes (see [`crate::zero3`]).
-    zero3: bool,
+    streamed: bool,
     grad_acc: Vec<f32>,
     /// ZeRO-2 (`parallel.reshard_after_forward = false`): the whole slice in the compute dtype,
     /// gathered after each update; the stream copies layers out of it.
@@ -287,7 +287,7 @@ impl<B: Backend> Trainer<B> {
             Some(p) => p.layout(&model_cfg),
             None => model.layout.clone(),
         };
-        let zero3 = model.layout.slot.is_some();
+        let streamed = model.layout.slot.is_some();
         let mut opt = AdamWState::new_window(be, &slice, &cfg.optim, lo, hi)?;
         let n = model.layout.total();
         let grads = be.zeros(DType::F32, n)?;
@@ -298,7 +298,7 @@ impl<B: Backend> Trainer<B> {
         let mut state = TrainerState::new(cfg.train.seed, scaler);
         let mut pending_events = Vec::new();
         if let Some(i) = info {
-            let mode = match (zero3, gathered.is_some()) {
+            let mode = match (streamed, gathered.is_some()) {
                 (true, false) => "ZeRO-3: layers gathered one at a time",
                 (true, true) => "ZeRO-2: slice kept gathered, layer gradients reduce-scattered",
                 _ => "whole slice",
@@ -405,8 +405,8 @@ impl<B: Backend> Trainer<B> {
             window,
             grad_window: None,
             slice,
-            zero3,
-            grad_acc: if zero3 { vec![0.0; hi - lo] } else { Vec::new() },
+            streamed,
+            grad_acc: if streamed { vec![0.0; hi - lo] } else { Vec::new() },
             gathered,
             acts,
             tok,
@@ -522,7 +522,7 @@ impl<B: Backend> Trainer<B> {
         // Forward and backward, accumulating the gradient of scale · mean loss over the step.
         let be = &self.model.backend;
         be.fill(self.grads.vm(), 0.0)?;
-        if self.zero3 {
+        if self.streamed {
             self.grad_acc = vec![0.0; self.window.1 - self.window.0];
         }
         let scale = loss_scale.unwrap_or(1.0);
@@ -541,7 +541,7 @@ impl<B: Backend> Trainer<B> {
             });
             let tb = TrainBatch { ids: &b.ids, mask: &b.mask, targets: &b.targets, batch: b.rows, seq: b.seq };
             let (sum, _) = match (&self.par, &self.master) {
-                (Some(p), Some(master)) if self.zero3 => {
+                (Some(p), Some(master)) if self.streamed => {
                     let mut z =
                         Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, Some(&mut self.grad_acc))
                             .with_local(self.gathered.as_ref());
@@ -576,7 +576,7 @@ impl<B: Backend> Trainer<B> {
             Some(p) => {
                 // Reduce the gradient over the data ranks into this rank's window (ZeRO-3: the
                 // layers' parts were reduced during the backward; the rest now).
-                let w = if self.zero3 {
+                let w = if self.streamed {
                     let mut w = std::mem::take(&mut self.grad_acc);
                     zero3::reduce_resident(p.as_ref(), be, &self.slice, self.window, &self.grads, &mut w)?;
                     p.sum_over_replicas(&mut w)?;
@@ -657,7 +657,7 @@ impl<B: Backend> Trainer<B> {
         {
             let OptModel { params, backend, layout, .. } = &mut self.model;
             match (self.master.as_mut(), &self.par, &self.grad_window) {
-                (Some(m), Some(_), Some(g)) if self.zero3 => {
+                (Some(m), Some(_), Some(g)) if self.streamed => {
                     // Update this rank's window; `refresh_streamed` below brings the model up
                     // to date (ZeRO-3: the layers are gathered as the next step uses them).
                     self.opt.update(backend, m, g, lr32, grad_scale)?;
@@ -676,7 +676,7 @@ impl<B: Backend> Trainer<B> {
                 (None, _, _) => self.opt.update(backend, params, &self.grads, lr32, grad_scale)?,
             }
         }
-        if self.zero3 {
+        if self.streamed {
             self.refresh_streamed()?;
         }
         self.state.updates = self.opt.updates;
@@ -712,8 +712,14 @@ impl<B: Backend> Trainer<B> {
                 let mut l = load_checkpoint(self.par.as_deref(), &dir)?;
                 let moments = match &self.par {
                     Some(p) => {
-                        let r =
-                            rank_state(p.as_ref(), &self.cfg, &self.model.cfg, Some(&mut l), self.window, self.zero3)?;
+                        let r = rank_state(
+                            p.as_ref(),
+                            &self.cfg,
+                            &self.model.cfg,
+                            Some(&mut l),
+                            self.window,
+                            self.streamed,
+                        )?;
                         self.upload_rank(&r.model, &r.master)?;
                         r.moments
                     }
@@ -737,7 +743,7 @@ impl<B: Backend> Trainer<B> {
                 self.opt.updates = 0;
                 match &self.par {
                     Some(p) => {
-                        let r = rank_state(p.as_ref(), &self.cfg, &self.model.cfg, None, self.window, self.zero3)?;
+                        let r = rank_state(p.as_ref(), &self.cfg, &self.model.cfg, None, self.window, self.streamed)?;
                         self.upload_rank(&r.model, &r.master)?;
                     }
                     None => self.upload(&initial_params(&self.cfg, &self.model.cfg)?)?,
@@ -820,7 +826,7 @@ impl<B: Backend> Trainer<B> {
                 let (ids, mask) = (&b.ids[r * t..(r + 1) * t], &b.mask[r * t..(r + 1) * t]);
                 let all = opt_model::LogitsMode::All;
                 let mut logits = match (&self.par, &self.master) {
-                    (Some(p), Some(master)) if self.zero3 => {
+                    (Some(p), Some(master)) if self.streamed => {
                         let mut z = Zero3Stream::new(p.as_ref(), &self.slice, self.window, master, None)
                             .with_local(self.gathered.as_ref());
                         let r = self.model.forward_streamed(ids, 1, Some(mask), None, all, &mut z);
@@ -934,7 +940,7 @@ impl<B: Backend> Trainer<B> {
                 seed: rng::derive(rng::derive(self.state.seed, SAMPLE_LABEL), i as u64),
             };
             let text = match (&self.par, &self.master) {
-                (Some(par), Some(master)) if self.zero3 => {
+                (Some(par), Some(master)) if self.streamed => {
                     let (slice, window, local) = (&self.slice, self.window, self.gathered.as_ref());
                     sample::continue_text_with(&mut self.model, &self.tok, prompt, &p, |m, ids, cache| {
                         let mut z = Zero3Stream::new(par.as_ref(), slice, window, master, None).with_local(local);
