@@ -881,7 +881,9 @@ impl<B: Backend> Trainer<B> {
     fn log_step(&mut self, r: &StepReport) -> Result<()> {
         let (tokens, secs) = std::mem::take(&mut self.interval);
         let tps = if secs > 0.0 { tokens as f64 / secs } else { 0.0 };
-        let mfu = tps * self.flops_per_token / (self.cfg.run.peak_gflops * 1e9);
+        // tokens/s are the whole run's; the peak is one device's: divide by the processes.
+        let devices = self.par.as_ref().map_or(1, |p| p.info().world) as f64;
+        let mfu = tps * self.flops_per_token / (self.cfg.run.peak_gflops * 1e9 * devices);
         let mut row = json!({
             "kind": "train",
             "step": r.step,
